@@ -1,0 +1,50 @@
+"""Process-wide state shared by every request: config, Redis, sinks. Built once at start-up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from .attribution import Sink, stdout_sink
+from .config import Config
+from .processor import Processor
+
+
+@dataclass
+class Gateway:
+    """What the processors share. `config` is replaced whole on reload, never mutated."""
+
+    config: Config
+    sink: Sink
+    redis: aioredis.Redis | None = None
+    clock: Callable[[], float] = time.time
+    provider_keys: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.refresh_keys()
+
+    def refresh_keys(self) -> None:
+        """Read gateway-held provider keys once (env or file), not per request."""
+        self.provider_keys = {
+            name: key for name, p in self.config.providers.items() if p.key and (key := p.key.read())
+        }
+
+    def new_processor(self) -> Processor:
+        return Processor(self)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+async def build_gateway(config: Config, *, redis_url: str | None) -> Gateway:
+    redis = None
+    if redis_url:
+        # Short timeouts: a dead Redis must turn into a clear error well inside Envoy's
+        # 3 s ext_proc message timeout, never a hung request.
+        redis = aioredis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                        health_check_interval=0)
+    return Gateway(config=config, sink=stdout_sink(), redis=redis)

@@ -1,0 +1,386 @@
+"""The budget engine: match a request to budgets, reserve its worst-case cost atomically, decide.
+
+Flow of `admit` (one EVALSHA on the happy path):
+
+1. Every budget whose `match` fits the request (attrs + candidate model/provider) contributes one
+   counter (chosen by `per`) with one limit (override > tier > default).
+2. The worst-case cost `cost_fn(model, input_tokens, max_output_tokens)` is reserved on all of
+   them in one Lua call, all or nothing, as a lease that expires after `lease_seconds`.
+   Shadow budgets are reserved too (to record spend) but never make the call fail.
+3. If an enforce counter would go over its limit, nothing is reserved, and:
+   * if every failing budget has `clamp: true`, the largest output cap that fits every counter is
+     found (binary search over cost_fn, assumed non-decreasing in output tokens) and reserved
+     instead, retried a few times if a concurrent request takes the room first -> "clamped";
+   * else, if a failing budget has `action: downgrade`, its `fallbacks` (of the first such budget,
+     in policy order) are tried in order, each re-matched against all budgets with its own
+     model/provider (and clamped if its failing budgets allow) -> "downgraded";
+   * else -> "blocked", reporting the first failing budget (policy order).
+4. `settle` swaps the lease for the real cost (once per request_id, even after the lease expired);
+   `release` drops the lease.
+
+A model without a price (`cost_fn` -> None) cannot be bounded: it is blocked if any enforce budget
+matches it (shadow-only budgets then record it at settle with a zero reservation); fallbacks without
+a price or provider are skipped. Calendar counters are charged in the period the request was
+admitted in (a request straddling midnight counts for the day it started).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import redis.asyncio as aredis
+
+from .admission import Admission, BudgetStatus, ReleaseOutcome, SettleOutcome
+from .match import Attrs, budget_matches, limit_nusd, per_key, per_values
+from .money import nusd_to_usd
+from .policy import Budget
+from .store import BudgetStore, CounterRef, CounterState, StoreError
+from .windows import KEY_GRACE_SECONDS, Calendar, Period, Rolling, Window, window_for
+
+log = logging.getLogger(__name__)
+
+CostFn = Callable[[str, int, int], "int | None"]
+ProviderOf = Callable[[str], "str | None"]
+
+CLAMP_ATTEMPTS = 3
+"""Reserve attempts for a clamped cap when concurrent requests keep taking the room; each is one EVALSHA."""
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    budget: Budget
+    window: Window
+
+    @property
+    def enforce(self) -> bool:
+        return self.budget.mode == "enforce"
+
+
+@dataclass(frozen=True)
+class _Counter:
+    """One counter a request counts against, with the limit that applies to this request."""
+
+    cb: _Compiled
+    per: dict[str, str]
+    ref: CounterRef
+    limit: int
+    period: Period | None
+
+
+@dataclass
+class _Attempt:
+    admission: Admission
+    failing: list[_Counter]
+
+
+def _warn_level(budget: Budget, used: int, limit: int) -> float | None:
+    frac = used / limit if limit > 0 else (1.0 if used == 0 else float("inf"))
+    reached = [w for w in budget.warn_at if frac >= w]
+    return max(reached) if reached else None
+
+
+class BudgetEngine:
+    """Enforces dollar budgets with reservations in Redis. Safe to share between concurrent requests."""
+
+    def __init__(
+        self,
+        budgets: list[Budget],
+        redis: aredis.Redis,
+        *,
+        clock: Callable[[], float] = time.time,
+        prefix: str = "tollgate:",
+    ) -> None:
+        self._budgets = [_Compiled(b, window_for(b.window)) for b in budgets]
+        self._clock = clock
+        self._prefix = prefix
+        self._store = BudgetStore(redis, prefix=prefix, grace=KEY_GRACE_SECONDS)
+
+    # ---- matching -------------------------------------------------------------------------
+
+    def _counters(self, attrs: Attrs, now: float, *, for_status: bool = False) -> list[_Counter]:
+        out: list[_Counter] = []
+        for cb in self._budgets:
+            b = cb.budget
+            if not budget_matches(b, attrs, ignore_missing_model=for_status):
+                continue
+            per = per_values(b, attrs)
+            w = cb.window
+            if isinstance(w, Calendar):
+                period: Period | None = w.period(now)
+                assert period is not None
+                ref = CounterRef(f"{self._prefix}b:{b.name}:{period.id}:{per_key(per)}", period.end)
+            else:
+                period = None
+                ref = CounterRef(
+                    f"{self._prefix}b:{b.name}:{w.key_part()}:{per_key(per)}", None, w.bucket_seconds, w.n_buckets
+                )
+            out.append(_Counter(cb, per, ref, limit_nusd(b, attrs), period))
+        return out
+
+    def counter_keys(self, attrs: Attrs) -> list[str]:
+        """The Redis hash keys this request would count against (attrs must include model/provider)."""
+        return [c.ref.key for c in self._counters(attrs, self._clock())]
+
+    # ---- status snapshots -----------------------------------------------------------------
+
+    def _status(self, c: _Counter, st: CounterState, now: float, *, cost: int, held: bool) -> BudgetStatus:
+        """Snapshot of a counter; `held` = this request's `cost` is now reserved on it (else it was refused)."""
+        reserved = st.reserved + (cost if held else 0)
+        used = st.spent + reserved
+        resets_at: float | None
+        retry: float | None
+        w = c.cb.window
+        if isinstance(w, Calendar):
+            assert c.period is not None
+            resets_at, retry = c.period.end, max(0.0, c.period.end - now)
+        else:
+            retry = None
+            if st.buckets:
+                retry = w.retry_after(now, list(st.buckets), st.reserved, 0 if held else max(cost, 1), c.limit)
+            resets_at = now + retry if retry else None
+        return BudgetStatus(
+            name=c.cb.budget.name,
+            key=c.ref.key,
+            per=dict(c.per),
+            spent_nusd=st.spent,
+            reserved_nusd=reserved,
+            limit_nusd=c.limit,
+            remaining_nusd=max(0, c.limit - used),
+            resets_at=resets_at,
+            retry_after_seconds=retry,
+            mode=c.cb.budget.mode,
+            window=w.describe(),
+            warn_level=_warn_level(c.cb.budget, used, c.limit),
+        )
+
+    # ---- admit ----------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        *,
+        request_id: str,
+        attrs: Mapping[str, str | list[str]],
+        model: str,
+        provider: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        min_output_tokens: int = 16,
+        cost_fn: CostFn,
+        provider_of: ProviderOf,
+        lease_seconds: float,
+    ) -> Admission:
+        """Decide whether (and with which model / output cap) a request may go upstream, reserving its worst case."""
+        now = self._clock()
+        common = dict(
+            request_id=request_id,
+            attrs=attrs,
+            input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            min_output_tokens=min_output_tokens,
+            cost_fn=cost_fn,
+            lease_seconds=lease_seconds,
+            now=now,
+        )
+        first = await self._attempt(model=model, provider=provider, **common)  # type: ignore[arg-type]
+        if not first.failing:
+            return first.admission
+        down = next((c for c in first.failing if c.cb.budget.action == "downgrade"), None)
+        if down is not None:
+            for fb in down.cb.budget.fallbacks:
+                if fb == model:
+                    continue
+                fb_provider = provider_of(fb)
+                if fb_provider is None:
+                    continue
+                r = await self._attempt(model=fb, provider=fb_provider, **common)  # type: ignore[arg-type]
+                adm = r.admission
+                if adm.decision in ("allowed", "clamped") and not adm.store_error:
+                    adm.decision = "downgraded"
+                    adm.blocking = first.admission.blocking
+                    adm.shadow_blocked = first.admission.shadow_blocked + adm.shadow_blocked
+                    adm.reason = f"budget {down.cb.budget.name!r} exhausted for {model}; downgraded to {fb}" + (
+                        f" with max_output_tokens={adm.max_output_tokens}" if adm.max_output_tokens != max_output_tokens else ""
+                    )
+                    return adm
+                if adm.store_error:
+                    return adm
+            first.admission.reason += "; no fallback fits"
+        return first.admission
+
+    async def _attempt(
+        self,
+        *,
+        request_id: str,
+        attrs: Attrs,
+        model: str,
+        provider: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        min_output_tokens: int,
+        cost_fn: CostFn,
+        lease_seconds: float,
+        now: float,
+    ) -> _Attempt:
+        """Try one candidate model: reserve its worst case, or clamp; `failing` is empty iff it was not blocked."""
+        eff: dict[str, str | list[str]] = {**attrs, "model": model, "provider": provider}
+        counters = self._counters(eff, now)
+        names = [c.cb.budget.name for c in counters]
+        base = dict(model=model, provider=provider, max_output_tokens=max_output_tokens, request_id=request_id, budgets=names)
+        if not counters:
+            return _Attempt(Admission("allowed", reason="no budget applies", **base), [])  # type: ignore[arg-type]
+        cost = cost_fn(model, input_tokens, max_output_tokens)
+        if cost is None:
+            enforce = [c for c in counters if c.cb.enforce]
+            if enforce:
+                reason = f"model {model!r} has no price; budget {enforce[0].cb.budget.name!r} cannot be enforced"
+                return _Attempt(Admission("blocked", reason=reason, **base), enforce)  # type: ignore[arg-type]
+            cost = 0
+        try:
+            res = await self._reserve(counters, request_id, cost, now, lease_seconds)
+        except StoreError as e:
+            return _Attempt(self._store_failure(counters, e, base), [])
+        if res.ok:
+            return _Attempt(self._admitted("allowed", counters, res.states, cost, now, base), [])
+
+        failing = [c for c, s in zip(counters, res.states) if c.cb.enforce and s.over]
+        states = res.states
+        if all(c.cb.budget.clamp for c in failing) and min_output_tokens <= max_output_tokens:
+            for _ in range(CLAMP_ATTEMPTS):
+                cap = self._largest_cap(counters, states, cost_fn, model, input_tokens, min_output_tokens, max_output_tokens)
+                if cap is None:
+                    break
+                clamped_cost = cost_fn(model, input_tokens, cap)
+                assert clamped_cost is not None
+                try:
+                    res = await self._reserve(counters, request_id, clamped_cost, now, lease_seconds)
+                except StoreError as e:
+                    return _Attempt(self._store_failure(counters, e, base), [])
+                if res.ok:
+                    adm = self._admitted("clamped", counters, res.states, clamped_cost, now, {**base, "max_output_tokens": cap})
+                    adm.blocking = self._status(failing[0], states[counters.index(failing[0])], now, cost=cost, held=False)
+                    adm.reason = f"budget {failing[0].cb.budget.name!r} nearly exhausted; max_output_tokens lowered to {cap}"
+                    return _Attempt(adm, [])
+                states = res.states
+                failing = [c for c, s in zip(counters, states) if c.cb.enforce and s.over] or failing
+
+        by_counter = dict(zip((c.ref.key for c in counters), states))
+        blocking = self._status(failing[0], by_counter[failing[0].ref.key], now, cost=cost, held=False)
+        shadow = [
+            self._status(c, s, now, cost=cost, held=False) for c, s in zip(counters, states) if not c.cb.enforce and s.over
+        ]
+        reason = (
+            f"budget {blocking.name!r} exceeded: spent ${nusd_to_usd(blocking.spent_nusd):.4f} + reserved "
+            f"${nusd_to_usd(blocking.reserved_nusd):.4f} + this request ${nusd_to_usd(cost):.4f} > limit "
+            f"${nusd_to_usd(blocking.limit_nusd):.4f}"
+        )
+        return _Attempt(Admission("blocked", blocking=blocking, shadow_blocked=shadow, reason=reason, **base), failing)  # type: ignore[arg-type]
+
+    async def _reserve(self, counters: list[_Counter], request_id: str, cost: int, now: float, lease_seconds: float):  # type: ignore[no-untyped-def]
+        return await self._store.reserve(
+            [c.ref for c in counters],
+            [c.limit for c in counters],
+            [c.cb.enforce for c in counters],
+            request_id=request_id,
+            cost=cost,
+            now=now,
+            lease_seconds=lease_seconds,
+        )
+
+    @staticmethod
+    def _largest_cap(
+        counters: list[_Counter],
+        states: list[CounterState],
+        cost_fn: CostFn,
+        model: str,
+        input_tokens: int,
+        lo: int,
+        hi: int,
+    ) -> int | None:
+        """Largest output cap in [lo, hi] whose worst case fits every enforce counter's headroom (None if not even lo)."""
+        headroom = min(c.limit - s.spent - s.reserved for c, s in zip(counters, states) if c.cb.enforce)
+
+        def fits(n: int) -> bool:
+            cost = cost_fn(model, input_tokens, n)
+            return cost is not None and cost <= headroom
+
+        if not fits(lo):
+            return None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _admitted(
+        self,
+        decision: str,
+        counters: list[_Counter],
+        states: list[CounterState],
+        cost: int,
+        now: float,
+        base: dict,  # type: ignore[type-arg]
+    ) -> Admission:
+        statuses = [self._status(c, s, now, cost=cost, held=True) for c, s in zip(counters, states)]
+        enforce = [st for st in statuses if st.mode == "enforce"]
+        shadow = [
+            self._status(c, s, now, cost=cost, held=False) for c, s in zip(counters, states) if not c.cb.enforce and s.over
+        ]
+        return Admission(
+            decision,  # type: ignore[arg-type]
+            reserved_nusd=cost,
+            tightest=min(enforce, key=lambda st: st.remaining_nusd) if enforce else None,
+            warnings=[st for st in statuses if st.warn_level is not None],
+            shadow_blocked=shadow,
+            reason="within budget" if decision == "allowed" else "",
+            counters=tuple(c.ref for c in counters),
+            **base,
+        )
+
+    def _store_failure(self, counters: list[_Counter], err: StoreError, base: dict) -> Admission:  # type: ignore[type-arg]
+        if all(c.cb.budget.on_store_error == "fail_open" for c in counters):
+            log.warning("budget store unavailable, failing open: %s", err)
+            return Admission("allowed", store_error=True, reason=f"budget store unavailable ({err}); fail_open", **base)
+        log.error("budget store unavailable, failing closed: %s", err)
+        closed = next(c.cb.budget.name for c in counters if c.cb.budget.on_store_error == "fail_closed")
+        return Admission("store_error", store_error=True, reason=f"budget store unavailable ({err}); budget {closed!r} fails closed", **base)
+
+    # ---- settle / release / status --------------------------------------------------------
+
+    async def settle(self, admission: Admission, actual_nusd: int) -> SettleOutcome:
+        """Replace the reservation by the real cost on every counter it touched; idempotent per request_id; never raises."""
+        if not admission.counters:
+            return "nothing"
+        try:
+            charged = await self._store.settle(
+                list(admission.counters), request_id=admission.request_id, actual=max(0, int(actual_nusd)), now=self._clock()
+            )
+        except StoreError as e:
+            log.error("budget settle of %s (%d nUSD) lost: %s", admission.request_id, actual_nusd, e)
+            return "store_error"
+        return "settled" if charged else "duplicate"
+
+    async def release(self, admission: Admission) -> ReleaseOutcome:
+        """Drop the reservation without charging (upstream failed, no usage); never raises."""
+        if not admission.counters:
+            return "nothing"
+        try:
+            await self._store.release(list(admission.counters), request_id=admission.request_id, now=self._clock())
+        except StoreError as e:
+            log.warning("budget release of %s failed (lease will expire): %s", admission.request_id, e)
+            return "store_error"
+        return "released"
+
+    async def status(self, attrs: Mapping[str, str | list[str]]) -> list[BudgetStatus]:
+        """Every counter these attrs count against, right now. Budgets filtered by model/provider are
+        included when attrs carry no `model`/`provider`. Raises StoreError if Redis is down."""
+        now = self._clock()
+        counters = self._counters(attrs, now, for_status=True)
+        if not counters:
+            return []
+        states = await self._store.read([c.ref for c in counters], now=now)
+        return [self._status(c, s, now, cost=0, held=False) for c, s in zip(counters, states)]

@@ -1,0 +1,76 @@
+"""Which budgets a request counts against, which counter it lands in, and which limit applies.
+
+Pure functions over a request's attributes (`Mapping[str, str | list[str]]`, with `model` and
+`provider` of the candidate included), so they are cheap and testable without Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+from urllib.parse import quote
+
+from .money import usd_to_nusd
+from .policy import Budget, LimitSpec
+
+Attrs = Mapping[str, "str | list[str]"]
+
+MISSING = "-"
+"""Counter value for a `per` attribute the request does not have (or has empty)."""
+
+
+def value_matches(value: str | list[str] | None, globs: list[str]) -> bool:
+    """A string matches if any glob does; a list if any element does; a missing value never matches."""
+    if value is None:
+        return False
+    values = [value] if isinstance(value, str) else value
+    return any(fnmatchcase(v, g) for v in values for g in globs)
+
+
+def where_matches(where: Mapping[str, list[str]], attrs: Attrs) -> bool:
+    """All attribute conditions hold (an empty `where` always holds)."""
+    return all(value_matches(attrs.get(k), globs) for k, globs in where.items())
+
+
+def budget_matches(budget: Budget, attrs: Attrs, *, ignore_missing_model: bool = False) -> bool:
+    """Does this request count against `budget`? `attrs` must carry `model` and `provider`.
+
+    With `ignore_missing_model` (used by status queries), a model/provider filter is skipped when
+    the attrs have no model/provider, so "what is left for me" lists every identity budget.
+    """
+    m = budget.match
+    for attr, globs in (("model", m.models), ("provider", m.providers)):
+        if globs is None:
+            continue
+        if ignore_missing_model and attrs.get(attr) is None:
+            continue
+        if not value_matches(attrs.get(attr), globs):  # type: ignore[arg-type]
+            return False
+    return where_matches(m.where, attrs)  # type: ignore[arg-type]
+
+
+def per_values(budget: Budget, attrs: Attrs) -> dict[str, str]:
+    """The counter a request lands in: one value per `per` attribute (`-` if missing, sorted+joined lists)."""
+    out: dict[str, str] = {}
+    for attr in budget.per:
+        v = attrs.get(attr)
+        if isinstance(v, list):
+            v = ",".join(sorted(v))
+        out[attr] = v if v else MISSING
+    return out
+
+
+def per_key(values: Mapping[str, str]) -> str:
+    """`user=alice%40x.com,team=ml`, or `_` for a shared counter; quoting keeps `:` `,` `=` out of keys."""
+    if not values:
+        return "_"
+    return ",".join(f"{k}={quote(v, safe='@._-+')}" for k, v in values.items())
+
+
+def limit_nusd(budget: Budget, attrs: Attrs) -> int:
+    """The limit for this request: first matching override, else first matching tier, else default."""
+    spec: LimitSpec = budget.limit_spec()
+    for entry in (*spec.overrides, *spec.tiers):
+        if where_matches(entry.where, attrs):  # type: ignore[arg-type]
+            return usd_to_nusd(entry.limit_usd)
+    return usd_to_nusd(spec.default)

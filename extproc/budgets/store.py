@@ -1,0 +1,150 @@
+"""Redis side of budgets: the Lua scripts and the typed calls around them.
+
+Key layout (all under the engine's prefix, default `tollgate:`):
+
+* `{prefix}b:{budget}:{period}:{per}` — HASH for one counter. Fields: `spent` (calendar, settled
+  nano-USD) or `b:<bucket index>` (rolling, settled nano-USD per bucket) plus `lo` (oldest bucket
+  kept); `reserved` (sum of live leases); `r:<request_id>` (one lease's amount). `{period}` is the
+  calendar period id (`2026-11-28`, `W2026-11-23`, `2026-11`) or `r<window>s<bucket>` for rolling.
+  `{per}` is `attr=value` pairs joined by `,` (values URL-quoted), or `_` for a shared counter.
+* `{counter}:leases` — ZSET of request_id scored by lease expiry (epoch seconds, engine clock).
+* `{prefix}settled:{request_id}` — STRING marker (the charged amount) that makes settle idempotent.
+
+Counters expire `KEY_GRACE_SECONDS` after their calendar period ends (rolling: after a full window
+without writes). Every script first purges the expired leases of the counters it touches.
+All keys of one call are passed as KEYS; for Redis Cluster they would need a common hash tag.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.exceptions import RedisError
+
+SETTLED_MARKER_TTL = 7 * 86400
+"""How long a settled request_id is remembered; a settle retried later than this would charge again."""
+
+
+class StoreError(Exception):
+    """Redis could not be reached or answered with an error; the engine maps this to fail_open/fail_closed."""
+
+
+@dataclass(frozen=True)
+class CounterRef:
+    """Where one counter lives and how to address its window; kept in the Admission for settle/release."""
+
+    key: str
+    period_end: float | None  # calendar: end of the period the reservation was made in; rolling: None
+    bucket_seconds: int = 0  # rolling only
+    n_buckets: int = 0  # 0 = calendar counter
+
+    @property
+    def lease_key(self) -> str:
+        return self.key + ":leases"
+
+    def bucket_index(self, now: float) -> int:
+        return math.floor(now / self.bucket_seconds) if self.n_buckets else 0
+
+    def ttl(self, now: float, grace: int) -> int:
+        """Relative TTL (computed on the engine clock, so tests with a fake clock do not expire keys early)."""
+        if self.n_buckets:
+            return self.n_buckets * self.bucket_seconds + grace
+        assert self.period_end is not None
+        return max(1, math.ceil(self.period_end - now)) + grace
+
+
+@dataclass(frozen=True)
+class CounterState:
+    """A counter as the script saw it: settled spend, live reservations (excluding the asking request), buckets."""
+
+    spent: int
+    reserved: int
+    over: bool = False
+    buckets: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReserveResult:
+    ok: bool
+    states: list[CounterState]
+
+
+def _script_text(name: str) -> str:
+    lua = resources.files(__package__).joinpath("lua")
+    return lua.joinpath("common.lua").read_text() + "\n" + lua.joinpath(f"{name}.lua").read_text()
+
+
+_SCRIPTS = {name: _script_text(name) for name in ("reserve", "settle", "release", "read")}
+
+
+def _keys(counters: list[CounterRef]) -> list[str]:
+    out: list[str] = []
+    for c in counters:
+        out += [c.key, c.lease_key]
+    return out
+
+
+def _num(now: float) -> str:
+    return repr(float(now))
+
+
+class BudgetStore:
+    """Typed wrappers over the four scripts (EVALSHA, loaded on first use); raises StoreError on any Redis failure."""
+
+    def __init__(self, redis: aredis.Redis, *, prefix: str, grace: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.grace = grace
+        self._scripts = {name: redis.register_script(text) for name, text in _SCRIPTS.items()}
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from e
+
+    async def reserve(
+        self,
+        counters: list[CounterRef],
+        limits: list[int],
+        enforce: list[bool],
+        *,
+        request_id: str,
+        cost: int,
+        now: float,
+        lease_seconds: float,
+    ) -> ReserveResult:
+        """Reserve `cost` on every counter if no enforce counter would exceed its limit; else reserve nothing."""
+        args: list[Any] = [_num(now), request_id, _num(now + lease_seconds), int(cost), len(counters)]
+        for c, limit, enf in zip(counters, limits, enforce, strict=True):
+            args += [int(limit), 1 if enf else 0, c.ttl(now, self.grace), c.bucket_index(now), c.n_buckets]
+        ok, rows = await self._run("reserve", _keys(counters), args)
+        states = [
+            CounterState(int(spent), int(reserved), bool(int(over)), tuple(int(b) for b in buckets))
+            for spent, reserved, over, buckets in rows
+        ]
+        return ReserveResult(bool(int(ok)), states)
+
+    async def settle(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float) -> bool:
+        """Charge `actual` once per request_id and drop its leases; False if it was already settled."""
+        args: list[Any] = [_num(now), request_id, int(actual), SETTLED_MARKER_TTL, len(counters)]
+        for c in counters:
+            args += [c.ttl(now, self.grace), c.bucket_index(now), c.n_buckets]
+        marker = f"{self.prefix}settled:{request_id}"
+        return bool(int(await self._run("settle", [marker, *_keys(counters)], args)))
+
+    async def release(self, counters: list[CounterRef], *, request_id: str, now: float) -> int:
+        """Drop request_id's leases; returns how many were still live."""
+        return int(await self._run("release", _keys(counters), [_num(now), request_id, len(counters)]))
+
+    async def read(self, counters: list[CounterRef], *, now: float) -> list[CounterState]:
+        """Spent and reserved of each counter right now."""
+        args: list[Any] = [_num(now), len(counters)]
+        for c in counters:
+            args += [c.bucket_index(now), c.n_buckets]
+        rows = await self._run("read", _keys(counters), args)
+        return [CounterState(int(s), int(r), False, tuple(int(b) for b in bs)) for s, r, bs in rows]

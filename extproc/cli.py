@@ -1,0 +1,141 @@
+"""`tollgate`: serve the ext_proc, run the local stack, check policies, render Envoy's config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_POLICIES = os.environ.get("TOLLGATE_POLICIES", "policies")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tollgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the ext_proc gRPC server")
+    p.add_argument("--policies", default=DEFAULT_POLICIES)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_PORT", "50051")))
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("run", help="run the whole local stack in the foreground (Ctrl-C stops it)")
+    p.add_argument("--policies", default=DEFAULT_POLICIES)
+    p.add_argument("--run-dir", default=".run")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("check", help="validate a policy directory; exit 1 on any problem")
+    p.add_argument("policies", nargs="?", default=DEFAULT_POLICIES)
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a policy directory")
+    p.add_argument("--policies", default=DEFAULT_POLICIES)
+    p.add_argument("--listen-port", type=int, default=int(os.environ.get("TOLLGATE_PORT", "8080")))
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--extproc-port", type=int, action="append")
+    p.add_argument("--access-log", default="/dev/stdout")
+    p.set_defaults(func=_envoy_config)
+
+    p = sub.add_parser("fake-provider", help="run the fake OpenAI/Anthropic provider")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("extproc.fakeprovider.server", fromlist=["main"]).main(a.args))
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+def _load(policies: str):
+    from .config import load_config
+    from .policy_yaml import PolicyError
+
+    try:
+        return load_config(policies)
+    except PolicyError as e:
+        print(f"tollgate: policy errors in {policies}:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _check(args: argparse.Namespace) -> None:
+    config = _load(args.policies)
+    print(f"{args.policies}: OK ({len(config.doc.prices.models)} prices, {len(config.providers)} providers, "
+          f"{len(config.doc.budgets)} budgets)")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _load(args.policies)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    from .app import build_gateway
+    from .server import serve
+
+    async def amain() -> None:
+        gw = await build_gateway(config, redis_url=args.redis_url)
+        await serve(gw.new_processor, args.host, args.port, on_stop=gw.close)
+
+    asyncio.run(amain())
+
+
+def _envoy_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from .envoy_config import EnvoyPorts, render
+
+    config = _load(args.policies)
+    ports = EnvoyPorts(listen=args.listen_port, admin=args.admin_port, extproc=args.extproc_port or [50051],
+                       access_log=args.access_log)
+    sys.stdout.write(yaml.safe_dump(render(config, ports), sort_keys=False))
+
+
+def _run(args: argparse.Namespace) -> None:
+    from .stack import Stack, StackPorts
+
+    _load(args.policies)
+    redis_url = os.environ.get("REDIS_URL") or None
+    stack = Stack(Path(args.policies), Path(args.run_dir).resolve(), StackPorts.from_env(), redis_url=redis_url,
+                  extproc_stdout_to_terminal=True)
+    print(f"tollgate: starting Redis, fake provider, ext_proc and Envoy (logs in {stack.run_dir}/) ...", flush=True)
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start()
+        print(
+            f"\ntollgate is up. Send OpenAI or Anthropic SDK requests to {stack.base_url}/v1\n"
+            f"  policies:        {Path(args.policies).resolve()}\n"
+            f"  redis:           {stack.redis_url}\n"
+            f"  envoy admin:     http://127.0.0.1:{stack.ports.admin}\n"
+            f"  access log:      {stack.access_log}\n"
+            f"Attribution records follow, one JSON line per request. Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while all(p.alive() for p in stack.procs):
+            time.sleep(0.5)
+        dead = [p.name for p in stack.procs if not p.alive()]
+        print(f"tollgate: {', '.join(dead)} exited; stopping the stack (see {stack.run_dir}/)", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ntollgate: stopping ...", flush=True)
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()

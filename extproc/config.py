@@ -1,0 +1,205 @@
+"""The policy directory, loaded and validated once into an immutable `Config`.
+
+Every `*.yaml` file under the directory contributes top-level sections. `budgets` lists from
+several files are joined (one file per team reads well); any other section may appear in one
+file only. Problems are reported all at once with file and line (`tollgate check`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .policy_yaml import PolicyError, SourceMap, load_yaml
+from .pricing import ModelPrice, PriceTable
+
+Wire = Literal["openai", "anthropic"]
+_JOINED_SECTIONS = {"budgets"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PricesSection(_Strict):
+    models: dict[str, ModelPrice]
+    default: ModelPrice | None = Field(default=None, description="price for models not listed; none = refuse them")
+
+
+class KeySource(_Strict):
+    """Where the gateway reads a provider key. Exactly one of env / file."""
+
+    env: str | None = None
+    file: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "KeySource":
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of `env` or `file`")
+        return self
+
+    def read(self) -> str | None:
+        if self.env is not None:
+            return os.environ.get(self.env) or None
+        try:
+            return Path(self.file).read_text().strip() or None  # type: ignore[arg-type]
+        except OSError:
+            return None
+
+
+class Provider(_Strict):
+    """An upstream: where it is, which wire formats it speaks, whose key it gets."""
+
+    url: str = Field(description="base URL up to and including the API version, e.g. https://api.openai.com/v1")
+    wires: list[Wire] = ["openai"]
+    key: KeySource | None = Field(default=None, description="gateway-held key; none = the client's key passes through")
+    connect_timeout_seconds: float = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        return v.rstrip("/")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        u = urlsplit(self.url)
+        return u.port or (443 if u.scheme == "https" else 80)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "https"
+
+    @property
+    def base_path(self) -> str:
+        return urlsplit(self.url).path
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.tls else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+class Route(_Strict):
+    """Send models matching these globs to `provider` (first matching route wins)."""
+
+    models: list[str] = ["*"]
+    provider: str
+
+
+class GatewaySection(_Strict):
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    request_timeout_seconds: float = Field(default=600, gt=0, description="longest an LLM request may run")
+
+
+class PolicyDoc(_Strict):
+    prices: PricesSection
+    providers: dict[str, Provider]
+    routes: list[Route]
+    gateway: GatewaySection = GatewaySection()
+    budgets: list[Any] = []
+    identity: Any = None
+
+    @field_validator("providers")
+    @classmethod
+    def _names(cls, v: dict[str, Provider]) -> dict[str, Provider]:
+        for name in v:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"provider name {name!r}: letters, digits, '-' and '_' only")
+        return v
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the hot path reads, built once per load; replaced whole, never mutated."""
+
+    doc: PolicyDoc
+    prices: PriceTable
+    source: Path
+
+    @property
+    def providers(self) -> dict[str, Provider]:
+        return self.doc.providers
+
+    @property
+    def gateway(self) -> GatewaySection:
+        return self.doc.gateway
+
+    def route(self, model: str, wire: str) -> str | None:
+        """The provider that serves `model` for this wire format, or None."""
+        for r in self.doc.routes:
+            if any(fnmatch.fnmatchcase(model, g) for g in r.models) and wire in self.doc.providers[r.provider].wires:
+                return r.provider
+        return None
+
+
+def load_config(directory: str | os.PathLike[str]) -> Config:
+    """Load and validate every `*.yaml` under `directory`; raise PolicyError listing all problems."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise PolicyError([f"{root}: policy directory not found"])
+    merged: dict[str, Any] = {}
+    smap = SourceMap()
+    origin: dict[str, str] = {}
+    problems: list[str] = []
+    files = sorted(p for p in root.rglob("*.yaml") if p.is_file())
+    if not files:
+        raise PolicyError([f"{root}: no *.yaml policy files"])
+    for path in files:
+        display = str(path)
+        try:
+            data, fmap = load_yaml(path, display)
+        except PolicyError as e:
+            problems.extend(e.problems)
+            continue
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            problems.append(f"{display}:1: a policy file must be a mapping of sections")
+            continue
+        for section, value in data.items():
+            if section in _JOINED_SECTIONS and section in merged:
+                if not isinstance(value, list):
+                    problems.append(fmap.describe((section,), "must be a list"))
+                    continue
+                fmap.shift((section,), len(merged[section]))
+                merged[section] = merged[section] + value
+            elif section in merged:
+                problems.append(fmap.describe((section,), f"section already defined in {origin[section]}"))
+                continue
+            else:
+                merged[section] = value
+                origin[section] = display
+        smap.merge(fmap)
+    if problems:
+        raise PolicyError(problems)
+    try:
+        doc = PolicyDoc.model_validate(merged)
+    except ValidationError as e:
+        raise PolicyError(smap.errors(e)) from None
+    problems = _cross_check(doc, smap)
+    if problems:
+        raise PolicyError(problems)
+    prices = PriceTable(doc.prices.models, doc.prices.default)
+    return Config(doc=doc, prices=prices, source=root)
+
+
+def _cross_check(doc: PolicyDoc, smap: SourceMap) -> list[str]:
+    """Checks that span sections: routes name real providers."""
+    problems = []
+    for i, r in enumerate(doc.routes):
+        if r.provider not in doc.providers:
+            problems.append(smap.describe(("routes", i, "provider"), f"unknown provider {r.provider!r}"))
+    return problems

@@ -1,0 +1,121 @@
+"""Render Envoy's bootstrap from `envoy/tollgate.yaml` and the policy's providers.
+
+The template stays readable and commented; what depends on the policy (one cluster and one
+route per provider) and on the ports of this run is filled in here.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config, Provider
+
+REPO_ENVOY_DIR = Path(__file__).resolve().parent.parent / "envoy"
+TEMPLATE = REPO_ENVOY_DIR / "tollgate.yaml"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass
+class EnvoyPorts:
+    listen: int = 8080
+    admin: int = 9901
+    extproc: list[int] = field(default_factory=lambda: [50051])
+    listen_address: str = "127.0.0.1"
+    access_log: str = "/dev/stdout"
+    buffer_limit_bytes: int = 32 * 1024 * 1024
+
+
+def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict[str, Any]:
+    text = string.Template(template.read_text()).substitute(
+        ADMIN_PORT=ports.admin,
+        LISTEN_PORT=ports.listen,
+        LISTEN_ADDRESS=ports.listen_address,
+        ACCESS_LOG_PATH=ports.access_log,
+        BUFFER_LIMIT_BYTES=max(ports.buffer_limit_bytes, config.gateway.max_request_bytes * 2),
+    )
+    boot = yaml.safe_load(text)
+    res = boot["static_resources"]
+    extproc = next(c for c in res["clusters"] if c["name"] == "tollgate_extproc")
+    extproc["load_assignment"]["endpoints"][0]["lb_endpoints"] = [_endpoint("127.0.0.1", p) for p in ports.extproc]
+    vhost = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
+    timeout = f"{int(config.gateway.request_timeout_seconds)}s"
+    routes = [_route(name, p, timeout) for name, p in config.providers.items()]
+    vhost["routes"] = routes + vhost["routes"]
+    res["clusters"] += [_cluster(name, p) for name, p in config.providers.items()]
+    return boot
+
+
+def write(config: Config, ports: EnvoyPorts, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(render(config, ports), sort_keys=False))
+    return out
+
+
+def cluster_name(provider: str) -> str:
+    return f"provider_{provider}"
+
+
+def _endpoint(host: str, port: int) -> dict[str, Any]:
+    return {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+
+
+def _route(name: str, p: Provider, timeout: str) -> dict[str, Any]:
+    """Requests the ext_proc tagged for this provider; `/v1/...` becomes the provider's base path."""
+    return {
+        "name": name,
+        "match": {"prefix": "/v1/", "headers": [{"name": "x-tollgate-upstream", "string_match": {"exact": name}}]},
+        "request_headers_to_remove": ["x-tollgate-upstream"],
+        "route": {
+            "cluster": cluster_name(name),
+            "prefix_rewrite": p.base_path + "/",
+            "host_rewrite_literal": p.authority,
+            "timeout": timeout,
+        },
+    }
+
+
+def _cluster(name: str, p: Provider) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": cluster_name(name),
+        "type": "STRICT_DNS" if not _is_ip(p.host) else "STATIC",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": f"{p.connect_timeout_seconds}s",
+        "load_assignment": {"cluster_name": cluster_name(name), "endpoints": [{"lb_endpoints": [_endpoint(p.host, p.port)]}]},
+    }
+    if p.tls:
+        c["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": p.host,  # providers sit behind shared front ends: SNI is required
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "validation_context": {
+                        "trusted_ca": {"filename": CA_BUNDLE},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": p.host}}],
+                    },
+                },
+            },
+        }
+        c["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "auto_config": {"http_protocol_options": {}, "http2_protocol_options": {}},
+            }
+        }
+    return c
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,112 @@
+"""What every wire format (API) provides: request parsing, usage extraction, error shape.
+
+One `Api` object per supported endpoint; the processor looks it up by path and never needs to
+know which provider it talks to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+from ..errors import Shape, bad_request
+from ..pricing import Usage
+
+# Tokens charged per image part when estimating an upper bound: image tokens do not show in the
+# body's bytes when the image is a URL. Generous on purpose: an estimate must never be low.
+IMAGE_TOKENS_UPPER = 3000
+_IMAGE_MARKERS = (b'"image_url"', b'"input_image"', b'"image"')
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    """What the gateway needs from a request body."""
+
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    output_cap: int | None  # the client's max_tokens (or equivalent); None = not set
+    input_tokens_upper: int  # never below the real input token count
+
+
+@dataclass(slots=True)
+class StreamState:
+    """Running totals while a response streams through."""
+
+    usage: Usage | None = None
+    served_model: str | None = None
+    output_deltas: int = 0  # content deltas seen: a floor for output tokens if the stream dies
+    done: bool = False  # the provider's own end-of-response event arrived
+    error: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Api:
+    """Base for one endpoint's wire format. Subclasses fill in the hooks."""
+
+    name: ClassVar[str]
+    shape: ClassVar[Shape] = "openai"
+    wire: ClassVar[str] = "openai"  # which providers can serve it: providers list the wires they speak
+    cap_fields: ClassVar[tuple[str, ...]] = ()  # body fields holding the output cap, first wins
+    has_output: ClassVar[bool] = True
+
+    def parse(self, raw: bytes) -> ParsedRequest:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise bad_request(f"Request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise bad_request("Request body must be a JSON object.", code="invalid_json")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise bad_request("You must provide a model parameter.", code="missing_model", param="model")
+        cap = None
+        for f in self.cap_fields:
+            v = body.get(f)
+            if v is not None:
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise bad_request(f"`{f}` must be a positive integer.", code="invalid_value", param=f)
+                cap = v
+                break
+        images = sum(raw.count(m) for m in _IMAGE_MARKERS)
+        return ParsedRequest(
+            body=body,
+            model=model,
+            stream=body.get("stream") is True,
+            output_cap=cap,
+            input_tokens_upper=len(raw) + images * IMAGE_TOKENS_UPPER,
+        )
+
+    def set_model(self, body: dict[str, Any], model: str) -> None:
+        body["model"] = model
+
+    def set_output_cap(self, body: dict[str, Any], cap: int) -> None:
+        """Lower (or set) the output cap; writes the field the client used, else the first one."""
+        for f in self.cap_fields:
+            if f in body and body[f] is not None:
+                body[f] = cap
+                return
+        body[self.cap_fields[0]] = cap
+
+    def prepare_stream(self, body: dict[str, Any]) -> bool:
+        """Make a streamed request report its usage. Returns True if the body changed."""
+        return False
+
+    def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
+        raise NotImplementedError
+
+    def on_event(self, state: StreamState, event: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def error_message(self, obj: Any) -> str | None:
+        """The provider's error message from an error body, if it is one."""
+        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+            msg = obj["error"].get("message")
+            return msg if isinstance(msg, str) else None
+        return None
+
+
+def as_int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0

@@ -1,0 +1,119 @@
+"""OpenAI wire formats: chat completions, responses, embeddings.
+
+Also what every OpenAI-compatible provider speaks (Gemini's OpenAI endpoint, Workers AI, vLLM,
+Ollama), so these parsers serve them too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from ..pricing import Usage
+from .base import Api, StreamState, as_int
+
+
+class ChatCompletions(Api):
+    name = "openai.chat"
+    cap_fields = ("max_completion_tokens", "max_tokens")
+
+    def prepare_stream(self, body: dict[str, Any]) -> bool:
+        """Ask for the final usage chunk: without it a streamed response cannot be priced."""
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            return False
+        body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        return True
+
+    def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
+        u = obj.get("usage")
+        if not isinstance(u, dict):
+            return None
+        prompt = as_int(u.get("prompt_tokens"))
+        details = u.get("prompt_tokens_details")
+        cached = min(as_int(details.get("cached_tokens")), prompt) if isinstance(details, dict) else 0
+        return Usage(
+            input_tokens=prompt - cached,
+            cached_input_tokens=cached,
+            output_tokens=as_int(u.get("completion_tokens")),
+        )
+
+    def on_event(self, state: StreamState, event: str, data: bytes) -> None:
+        if data == b"[DONE]":
+            state.done = True
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        if state.served_model is None and isinstance(obj.get("model"), str):
+            state.served_model = obj["model"]
+        if "error" in obj:
+            state.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls") or delta.get("refusal")):
+                state.output_deltas += 1
+        usage = self.usage_from_json(obj)
+        if usage is not None:
+            state.usage = usage
+
+
+class Responses(Api):
+    name = "openai.responses"
+    cap_fields = ("max_output_tokens",)
+
+    def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
+        u = obj.get("usage")
+        if not isinstance(u, dict):
+            return None
+        total_in = as_int(u.get("input_tokens"))
+        details = u.get("input_tokens_details")
+        cached = min(as_int(details.get("cached_tokens")), total_in) if isinstance(details, dict) else 0
+        return Usage(
+            input_tokens=total_in - cached,
+            cached_input_tokens=cached,
+            output_tokens=as_int(u.get("output_tokens")),
+        )
+
+    def on_event(self, state: StreamState, event: str, data: bytes) -> None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type") or event
+        if kind == "response.output_text.delta" or kind.endswith(".delta"):
+            state.output_deltas += 1
+            return
+        resp = obj.get("response")
+        if isinstance(resp, dict):
+            if isinstance(resp.get("model"), str):
+                state.served_model = resp["model"]
+            if kind in ("response.completed", "response.incomplete", "response.failed"):
+                state.done = True
+                usage = self.usage_from_json(resp)
+                if usage is not None:
+                    state.usage = usage
+                if kind == "response.failed" and isinstance(resp.get("error"), dict):
+                    state.error = resp["error"]
+        if kind == "error":
+            state.error = obj
+
+
+class Embeddings(Api):
+    name = "openai.embeddings"
+    has_output = False
+
+    def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
+        u = obj.get("usage")
+        if not isinstance(u, dict):
+            return None
+        return Usage(input_tokens=as_int(u.get("prompt_tokens")))
+
+    def on_event(self, state: StreamState, event: str, data: bytes) -> None:
+        return None

@@ -1,0 +1,89 @@
+"""The ext_proc gRPC server: a stream loop, the health service, nothing about budgets.
+
+Each gRPC stream is one HTTP request; the loop hands each message to the stream's `Processor`
+and writes back its answer. An exception in one stream fails that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .processor import Processor
+
+log = logging.getLogger("tollgate.server")
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, new_processor: Callable[[], Processor]) -> None:
+        self._new = new_processor
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ProcessingResponse]:
+        proc = self._new()
+        try:
+            async for req in request_iterator:
+                phase = req.WhichOneof("request")
+                try:
+                    if phase == "request_headers":
+                        resp = await proc.request_headers(req.request_headers)
+                    elif phase == "request_body":
+                        resp = await proc.request_body(req.request_body)
+                    elif phase == "response_headers":
+                        resp = await proc.response_headers(req.response_headers)
+                    elif phase == "response_body":
+                        resp = await proc.response_body(req.response_body)
+                    else:  # trailers are not requested; answer anything else neutrally
+                        continue
+                except Exception:
+                    log.exception("processing %s of request %s failed", phase, proc.request_id)
+                    resp = proc.internal_error(phase or "")
+                yield resp
+        finally:
+            try:
+                await proc.close()
+            except Exception:
+                log.exception("closing request %s failed", proc.request_id)
+
+
+async def serve(new_processor: Callable[[], Processor], host: str, port: int,
+                on_stop: Callable[[], "asyncio.Future[None] | None"] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight streams for a few seconds."""
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),  # grpcio turns it on by default: a second server would share the port silently
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ])
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_processor), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ext_proc listening on %s:%d", host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for name in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=5)
+    if on_stop is not None:
+        r = on_stop()
+        if r is not None:
+            await r
+

