@@ -120,7 +120,8 @@ class Stack:
             for p, port in zip(extprocs, self.ports.extproc):
                 wait_for_port(port, proc=p)
             envoy = self._add(Proc("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
-                                             "--log-level", "warn", "--concurrency", "2"],
+                                             "--log-level", "warn", "--concurrency", "2",
+                                             "--file-flush-interval-msec", "100"],
                                    log_path=self.run_dir / "envoy.log"))
             self._wait_ready(envoy)
         except BaseException:

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from extproc.procs import free_port, redis_proc, wait_for_port
+from extproc.stack import Stack, StackPorts
+
+REPO = Path(__file__).resolve().parent.parent
+# The key the gateway holds for the fake provider in tests (policies: key: {env: TOLLGATE_FAKE_KEY}).
+FAKE_GATEWAY_KEY = "sk-gateway-held-test-key"
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +28,54 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped policies/, with same-named files from tests/policies/ laid over them."""
+    out = tmp_path_factory.mktemp("policies")
+    for src in (REPO / "policies", REPO / "tests" / "policies"):
+        for f in sorted(src.glob("*.yaml")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stack(policy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The real stack (Redis, fake provider, ext_proc, Envoy) on free ports, shared by e2e tests."""
+    s = Stack(policy_dir, tmp_path_factory.mktemp("stack"), StackPorts.free(),
+              extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY})
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+class AttributionLog:
+    """Reads the ext_proc's attribution records (JSON lines) by request id."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def records(self) -> list[dict]:
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def get(self, request_id: str, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for r in self.records():
+                if r.get("request_id") == request_id:
+                    return r
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no attribution record for {request_id}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def attribution(stack: Stack) -> AttributionLog:
+    return AttributionLog(stack.attribution_log)

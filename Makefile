@@ -1,0 +1,43 @@
+# Tollgate: two commands do everything on a fresh machine.
+#   make run    the whole local stack in the foreground (Redis, fake provider, ext_proc, Envoy)
+#   make test   the test suite
+# Both create .venv, install the package, and make sure a redis-server exists first.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+POLICIES ?= $(or $(TOLLGATE_POLICIES),policies)
+export TOLLGATE_POLICIES := $(POLICIES)
+
+.PHONY: run test bench install redis-server check clean
+
+run: install redis-server
+	$(PY) -m extproc.cli run --policies $(POLICIES)
+
+test: install redis-server
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install redis-server
+	$(PY) -m tests.bench
+
+check: install
+	$(PY) -m extproc.cli check $(POLICIES)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Tollgate needs Python >= 3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Uses REDIS_URL when set; otherwise installs Debian's redis-server if it is missing.
+redis-server:
+	@if [ -n "$$REDIS_URL" ] || command -v redis-server >/dev/null 2>&1; then exit 0; fi; \
+	echo "redis-server not found: installing the Debian package"; \
+	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server
+
+clean:
+	rm -rf .run .pytest_cache
