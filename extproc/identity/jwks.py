@@ -49,7 +49,7 @@ class HttpJwksFetcher:
                 headers={"accept": "application/json", "user-agent": "tollgate-jwks"},
             )
         try:
-            async with self._session.get(url, allow_redirects=False) as resp:
+            async with self._session.get(url) as resp:
                 if resp.status != 200:
                     raise JwksFetchError(f"GET {url} returned HTTP {resp.status}")
                 body = await resp.content.read(MAX_JWKS_BYTES + 1)

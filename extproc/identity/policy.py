@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -50,6 +51,26 @@ def _sha256_hex(value: str, what: str) -> str:
             "(make it with `tollgate hash-key`), not the secret itself"
         )
     return v
+
+
+class _Redacted:
+    """Stands in for a rejected secret-hash value so pydantic's error text (which quotes the
+    input) can't show a plaintext secret pasted where its hash belongs."""
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+
+def _redact_bad_hash(data: object, fld: str, known: Iterable[str]) -> object:
+    """Redact a malformed hash and the values of unknown keys (e.g. `key: sk-...`)."""
+    if not isinstance(data, dict):
+        return data
+    out = {k: (v if k in known else _Redacted()) for k, v in data.items()}
+    if fld in out:
+        v = out[fld]
+        if not (isinstance(v, str) and _SHA256_RE.match(v.strip().lower())):
+            out[fld] = _Redacted()
+    return out
 
 
 def _check_attributes(attrs: dict[str, AttrValue], what: str) -> dict[str, AttrValue]:
@@ -159,9 +180,16 @@ class ServiceTokenEntry(_Model):
     groups: list[str] = []
     attributes: dict[str, AttrValue] = {}
 
-    @field_validator("secret_sha256")
+    @model_validator(mode="before")
     @classmethod
-    def _v_hash(cls, v: str) -> str:
+    def _redact(cls, data: object) -> object:
+        return _redact_bad_hash(data, "secret_sha256", cls.model_fields)
+
+    @field_validator("secret_sha256", mode="before")
+    @classmethod
+    def _v_hash(cls, v: object) -> str:
+        if not isinstance(v, str):
+            v = ""
         return _sha256_hex(v, "secret_sha256")
 
     @field_validator("attributes")
@@ -199,9 +227,16 @@ class ApiKeyEntry(_Model):
     app: str | None = None
     attributes: dict[str, AttrValue] = {}
 
-    @field_validator("key_sha256")
+    @model_validator(mode="before")
     @classmethod
-    def _v_hash(cls, v: str) -> str:
+    def _redact(cls, data: object) -> object:
+        return _redact_bad_hash(data, "key_sha256", cls.model_fields)
+
+    @field_validator("key_sha256", mode="before")
+    @classmethod
+    def _v_hash(cls, v: object) -> str:
+        if not isinstance(v, str):
+            v = ""
         return _sha256_hex(v, "key_sha256")
 
     @field_validator("attributes")

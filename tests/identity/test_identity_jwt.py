@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from extproc.identity import AuthError, Identity
 
-from conftest import AUDIENCE, ISSUER, NOW, b64url, claims, issuer_cfg, mint, raw_token
+from identity_helpers import NOW, b64url, claims, issuer_cfg, mint, raw_token
 
 H = "cf-access-jwt-assertion"
 
@@ -148,10 +148,15 @@ async def test_alg_that_does_not_fit_the_kid(auth, jwks_server, rsa1, ec1):
     await refused(auth, {H: mint(ec1, kid=rsa1.kid)}, "algorithm")
 
 
-async def test_unknown_kid_refetches_once_then_refuses(auth, jwks_server, rsa2):
+async def test_unknown_kid_refetches_once_then_refuses(auth, jwks_server, rsa1, rsa2, clock):
+    # right after the initial load the floor forbids a refetch: same answer either way
     err = await refused(auth, {H: mint(rsa2)}, "unknown_kid", mentions="kid")
     assert "rsa-2" not in err.message
-    assert jwks_server.fetches == 2  # initial load + one refetch for the unknown kid
+    assert jwks_server.fetches == 1
+    clock.advance(61)
+    await refused(auth, {H: mint(rsa2)}, "unknown_kid")
+    assert jwks_server.fetches == 2  # exactly one refetch for the unknown kid, then refused
+    assert (await auth.authenticate({H: mint(rsa1)})).user == "user-42"
 
 
 async def test_key_rotation_accepted_after_refetch(auth, jwks_server, rsa1, rsa2, clock):
@@ -187,9 +192,9 @@ async def test_concurrent_requests_share_one_fetch(auth, jwks_server, rsa1):
 
 
 async def test_jwks_cache_expiry_refreshes_in_background(auth, jwks_server, rsa1, clock):
-    await auth.authenticate({H: mint(rsa1)})
+    await auth.authenticate({H: mint(rsa1, exp=int(NOW) + 10_000)})
     clock.advance(3601)
-    await auth.authenticate({H: mint(rsa1, sub="x")})  # served from the stale set meanwhile
+    await auth.authenticate({H: mint(rsa1, sub="x", exp=int(NOW) + 10_000)})  # served from the stale set meanwhile
     for _ in range(50):
         if jwks_server.fetches == 2:
             break
@@ -205,9 +210,11 @@ async def test_jwks_unavailable(auth, jwks_server, rsa1):
 async def test_malformed_tokens(auth, rsa1):
     await refused(auth, {H: "not-a-jwt"}, "malformed", mentions=H)
     await refused(auth, {H: "abc.def.ghi"}, "malformed")
-    # a real JOSE header but a payload that is not JSON
-    h, _, s = mint(rsa1).split(".")
-    await refused(auth, {H: f"{h}.{b64url(b'not json')}.{s}"}, "malformed")
+    # correctly signed, but the payload is not a JSON object
+    signed = jwt.PyJWS().encode(b"not json", rsa1.private, algorithm="RS256", headers={"kid": "rsa-1"})
+    await refused(auth, {H: signed}, "malformed")
+    # a kid that is not a string
+    await refused(auth, {H: raw_token({"alg": "RS256", "kid": 7}, claims(), b"x")}, "malformed")
 
 
 async def test_token_in_the_wrong_header(auth, rsa1):
@@ -314,7 +321,7 @@ async def test_token_without_kid_tries_fitting_keys(make_auth, jwks_server, rsa1
     jwks_server.serve(ec1, rsa1, rsa2)
     auth = make_auth({"jwt": [issuer_cfg(jwks_server.url)]})
     assert (await auth.authenticate({H: mint(rsa2, kid=None)})).user == "user-42"
-    from conftest import Key
+    from identity_helpers import Key
     from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
 
     stranger = Key("x", "RS256", _rsa.generate_private_key(public_exponent=65537, key_size=2048), {})

@@ -1,0 +1,74 @@
+"""Policy loading: errors name file, line and field; `tollgate check` exits non-zero."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extproc.config import load_config
+from extproc.policy_yaml import PolicyError
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def pdir(tmp_path: Path) -> Path:
+    for f in (REPO / "policies").glob("*.yaml"):
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+def problems(pdir: Path) -> list[str]:
+    with pytest.raises(PolicyError) as e:
+        load_config(pdir)
+    return e.value.problems
+
+
+def test_shipped_policies_load():
+    c = load_config(REPO / "policies")
+    assert c.prices.lookup("gpt-4o") is not None and "fake" in c.providers
+
+
+def test_bad_value_names_file_line_and_field(pdir):
+    (pdir / "gateway.yaml").write_text("gateway:\n  max_request_bytes: -3\n  request_timeout_seconds: 10\n")
+    [p] = problems(pdir)
+    assert p.startswith(f"{pdir / 'gateway.yaml'}:2: gateway.max_request_bytes:")
+
+
+def test_unknown_key_and_unknown_provider(pdir):
+    text = (pdir / "providers.yaml").read_text().replace("    provider: fake", "    provider: nowhere")
+    (pdir / "providers.yaml").write_text(text.replace("    wires: [openai, anthropic]", "    wirez: [openai]"))
+    ps = problems(pdir)
+    assert any("providers.fake.wirez" in p and ":6:" not in p and "Extra inputs" in p for p in ps), ps
+
+
+def test_route_to_unknown_provider(pdir):
+    text = (pdir / "providers.yaml").read_text().replace("    provider: fake", "    provider: nowhere")
+    (pdir / "providers.yaml").write_text(text)
+    [p] = problems(pdir)
+    lineno = next(i for i, line in enumerate(text.splitlines(), 1) if "provider: nowhere" in line)
+    assert p == f"{pdir / 'providers.yaml'}:{lineno}: routes[0].provider: unknown provider 'nowhere'"
+
+
+def test_yaml_syntax_error_and_duplicate_section(pdir):
+    (pdir / "broken.yaml").write_text("gateway:\n  a: [1, 2\n")
+    (pdir / "dup.yaml").write_text("prices:\n  models: {}\n")
+    ps = problems(pdir)
+    assert any("broken.yaml:" in p and "YAML syntax error" in p for p in ps)
+    assert any("prices: section already defined in" in p and "dup.yaml" in p and "prices.yaml" in p for p in ps), ps
+
+
+def test_env_references_expand(pdir, monkeypatch):
+    monkeypatch.setenv("TOLLGATE_FAKE_PORT", "1234")
+    assert load_config(pdir).providers["fake"].port == 1234
+
+
+def test_tollgate_check_exit_codes(pdir):
+    ok = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(pdir)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    (pdir / "gateway.yaml").write_text("gateway:\n  max_request_bytes: lots\n")
+    bad = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(pdir)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "gateway.yaml:2: gateway.max_request_bytes" in bad.stderr
