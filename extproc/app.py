@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from .attribution import Sink, stdout_sink
 from .config import Config
+from .identity import Authenticator
 from .processor import Processor
 
 
@@ -19,6 +20,7 @@ class Gateway:
 
     config: Config
     sink: Sink
+    auth: Authenticator
     redis: aioredis.Redis | None = None
     clock: Callable[[], float] = time.time
     provider_keys: dict[str, str] = field(default_factory=dict)
@@ -36,6 +38,7 @@ class Gateway:
         return Processor(self)
 
     async def close(self) -> None:
+        await self.auth.close()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -47,4 +50,4 @@ async def build_gateway(config: Config, *, redis_url: str | None) -> Gateway:
         # 3 s ext_proc message timeout, never a hung request.
         redis = aioredis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
                                         health_check_interval=0)
-    return Gateway(config=config, sink=stdout_sink(), redis=redis)
+    return Gateway(config=config, sink=stdout_sink(), auth=Authenticator(config.doc.identity), redis=redis)

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .identity import IdentityConfig
 from .policy_yaml import PolicyError, SourceMap, load_yaml
 from .pricing import ModelPrice, PriceTable
 
@@ -110,7 +111,7 @@ class PolicyDoc(_Strict):
     routes: list[Route]
     gateway: GatewaySection = GatewaySection()
     budgets: list[Any] = []
-    identity: Any = None
+    identity: IdentityConfig = IdentityConfig()
 
     @field_validator("providers")
     @classmethod

@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeade
 from . import messages as msg
 from .config import Config
 from .errors import GatewayError, Shape, bad_request
+from .identity import AuthError, Identity
 from .pricing import NANO_PER_USD, ModelPrice, Usage
 from .providers import Api, ParsedRequest, SSEParser, StreamState, api_for_path
 
@@ -54,6 +55,7 @@ class Processor:
         self.finished = False
         self.decision = "allowed"
         self.error_code: str | None = None
+        self.identity: Identity | None = None
 
     # ---- request headers -------------------------------------------------------------
     async def request_headers(self, h: HttpHeaders) -> ProcessingResponse:
@@ -64,6 +66,10 @@ class Processor:
         bare_path = self.path.split("?", 1)[0]
         self.shape = "anthropic" if bare_path.startswith("/v1/messages") else "openai"
         try:
+            try:
+                self.identity = await self.gw.auth.authenticate(headers)
+            except AuthError as e:
+                raise GatewayError(e.status, e.message, type="authentication_error", code=e.check) from None
             if bare_path == "/v1/models" and method == "GET":
                 return self._models_reply()
             self.api = api_for_path(bare_path)
@@ -81,8 +87,11 @@ class Processor:
                 raise _too_large(int(length), limit)
         except GatewayError as e:
             return self._refuse(e)
-        own = [k for k in headers if k.startswith(_OWN_PREFIX)]
-        return msg.request_headers(msg.common(remove=own) if own else None)
+        # Nothing the client said about identity or routing goes further: credentials that
+        # identified it and every x-tollgate-* header are removed before the request leaves.
+        creds = self.gw.auth.credential_headers()
+        remove = [k for k in headers if k.startswith(_OWN_PREFIX) or k in creds]
+        return msg.request_headers(msg.common(remove=remove) if remove else None)
 
     # ---- request body ----------------------------------------------------------------
     async def request_body(self, b: HttpBody) -> ProcessingResponse:
@@ -121,7 +130,7 @@ class Processor:
             set_headers["content-length"] = str(len(body))
         self.forwarded = True
         self.model_served = req.model
-        meta = msg.metadata({"provider": self.provider, "model_requested": req.model})
+        meta = msg.metadata({"provider": self.provider, "model_requested": req.model, **self._identity_meta()})
         return msg.request_body(msg.common(set_headers, remove, body, clear_route_cache=True), meta)
 
     # ---- response headers ------------------------------------------------------------
@@ -209,11 +218,26 @@ class Processor:
             self.model_served = obj["model"]
         return self.api.usage_from_json(obj), True
 
+    def _identity_meta(self) -> dict[str, Any]:
+        i = self.identity
+        if i is None:
+            return {}
+        return {"user": i.user, "email": i.email, "groups": ",".join(i.groups), "team": i.team, "app": i.app,
+                "service_token": i.service_token, "auth_source": i.source}
+
     def _record(self, usage: Usage | None, cost_nusd: int, complete: bool) -> dict[str, Any]:
         u = usage or Usage()
+        i = self.identity
         return {
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": self.request_id,
+            "user": i.user if i else None,
+            "email": i.email if i else None,
+            "groups": list(i.groups) if i else [],
+            "team": i.team if i else None,
+            "app": i.app if i else None,
+            "service_token": i.service_token if i else None,
+            "auth_source": i.source if i else None,
             "api": self.api.name if self.api else None,
             "provider": self.provider,
             "model_requested": self.req.model if self.req else None,
@@ -241,7 +265,8 @@ class Processor:
         self.finished = True
         record = self._record(None, 0, True)
         self.gw.sink(record)
-        return msg.error_reply(err, self.shape, {"x-tollgate-request-id": self.request_id}, _meta(record))
+        meta = msg.metadata({**self._identity_meta(), "decision": self.decision, "status": self.status})
+        return msg.error_reply(err, self.shape, {"x-tollgate-request-id": self.request_id}, meta)
 
     def internal_error(self, phase: str) -> ProcessingResponse:
         """A bug in this request's handling: fail this request only, never the server.

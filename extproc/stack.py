@@ -134,18 +134,24 @@ class Stack:
         return proc
 
     def _wait_ready(self, envoy: Proc, timeout: float = 30.0) -> None:
-        """Ready when a request through the listener reaches the ext_proc (health check passed)."""
+        """Ready when Envoy is live, sees every ext_proc as healthy, and the listener accepts."""
         deadline = time.monotonic() + timeout
-        url = f"{self.base_url}/v1/models"
+        admin = f"http://127.0.0.1:{self.ports.admin}"
+        want = len(self.ports.extproc)
         last: object = None
         while time.monotonic() < deadline:
             if not envoy.alive():
                 raise RuntimeError(f"envoy exited; see {envoy.log_path}")
             try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except Exception as e:  # not up yet, or ext_proc not yet healthy in Envoy's eyes
+                with urllib.request.urlopen(f"{admin}/clusters", timeout=2) as r:
+                    text = r.read().decode()
+                healthy = sum(1 for line in text.splitlines()
+                              if line.startswith("tollgate_extproc::") and line.endswith("::health_flags::healthy"))
+                if healthy == want:
+                    wait_for_port(self.ports.listen, timeout=max(0.1, deadline - time.monotonic()))
+                    return
+                last = f"{healthy}/{want} ext_proc endpoints healthy"
+            except Exception as e:  # admin not up yet
                 last = e
             time.sleep(0.1)
         raise TimeoutError(f"stack not ready after {timeout}s: {last}")

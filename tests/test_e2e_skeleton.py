@@ -176,7 +176,7 @@ def test_unknown_path_is_404(stack):
 
 
 def test_get_on_post_endpoint_is_405(stack):
-    r = httpx.get(f"{stack.base_url}/v1/chat/completions")
+    r = httpx.get(f"{stack.base_url}/v1/chat/completions", headers={"authorization": "Bearer demo"})
     assert r.status_code == 405 and _openai_error(r)["code"] == "method_not_allowed"
 
 
@@ -189,7 +189,7 @@ def test_oversized_body_is_413(stack):
 def test_oversized_chunked_body_is_413(stack):
     big = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "x" * 70_000}]}).encode()
     r = httpx.post(f"{stack.base_url}/v1/chat/completions", content=iter([big[:1000], big[1000:]]),
-                   headers={"content-type": "application/json"})
+                   headers={"content-type": "application/json", "authorization": "Bearer demo"})
     assert r.status_code == 413 and _openai_error(r)["code"] == "request_too_large"
 
 

@@ -30,14 +30,15 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aredis
 
-from .admission import Admission, BudgetStatus, ReleaseOutcome, SettleOutcome
+from .admission import Admission, BudgetStatus, Decision, ReleaseOutcome, SettleOutcome
 from .match import Attrs, budget_matches, limit_nusd, per_key, per_values
 from .money import nusd_to_usd
 from .policy import Budget
-from .store import BudgetStore, CounterRef, CounterState, StoreError
+from .store import BudgetStore, CounterRef, CounterState, ReserveResult, StoreError
 from .windows import KEY_GRACE_SECONDS, Calendar, Period, Rolling, Window, window_for
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,20 @@ class _Counter:
     period: Period | None
 
 
+@dataclass(frozen=True)
+class _Request:
+    """The parts of an admit call that stay the same across candidate models."""
+
+    request_id: str
+    attrs: Attrs
+    input_tokens: int
+    max_output_tokens: int
+    min_output_tokens: int
+    cost_fn: CostFn
+    lease_seconds: float
+    now: float
+
+
 @dataclass
 class _Attempt:
     admission: Admission
@@ -97,6 +112,12 @@ class BudgetEngine:
         self._clock = clock
         self._prefix = prefix
         self._store = BudgetStore(redis, prefix=prefix, grace=KEY_GRACE_SECONDS)
+
+    async def load_scripts(self) -> None:
+        """Load the Lua scripts now (e.g. at startup or in a readiness check) instead of on the first request.
+
+        Raises StoreError if Redis is unreachable."""
+        await self._store.load()
 
     # ---- matching -------------------------------------------------------------------------
 
@@ -173,18 +194,10 @@ class BudgetEngine:
         lease_seconds: float,
     ) -> Admission:
         """Decide whether (and with which model / output cap) a request may go upstream, reserving its worst case."""
-        now = self._clock()
-        common = dict(
-            request_id=request_id,
-            attrs=attrs,
-            input_tokens=input_tokens,
-            max_output_tokens=max_output_tokens,
-            min_output_tokens=min_output_tokens,
-            cost_fn=cost_fn,
-            lease_seconds=lease_seconds,
-            now=now,
+        req = _Request(
+            request_id, attrs, input_tokens, max_output_tokens, min_output_tokens, cost_fn, lease_seconds, self._clock()
         )
-        first = await self._attempt(model=model, provider=provider, **common)  # type: ignore[arg-type]
+        first = await self._attempt(req, model, provider)
         if not first.failing:
             return first.admission
         down = next((c for c in first.failing if c.cb.budget.action == "downgrade"), None)
@@ -195,12 +208,11 @@ class BudgetEngine:
                 fb_provider = provider_of(fb)
                 if fb_provider is None:
                     continue
-                r = await self._attempt(model=fb, provider=fb_provider, **common)  # type: ignore[arg-type]
+                r = await self._attempt(req, fb, fb_provider)
                 adm = r.admission
                 if adm.decision in ("allowed", "clamped") and not adm.store_error:
                     adm.decision = "downgraded"
                     adm.blocking = first.admission.blocking
-                    adm.shadow_blocked = first.admission.shadow_blocked + adm.shadow_blocked
                     adm.reason = f"budget {down.cb.budget.name!r} exhausted for {model}; downgraded to {fb}" + (
                         f" with max_output_tokens={adm.max_output_tokens}" if adm.max_output_tokens != max_output_tokens else ""
                     )
@@ -210,33 +222,26 @@ class BudgetEngine:
             first.admission.reason += "; no fallback fits"
         return first.admission
 
-    async def _attempt(
-        self,
-        *,
-        request_id: str,
-        attrs: Attrs,
-        model: str,
-        provider: str,
-        input_tokens: int,
-        max_output_tokens: int,
-        min_output_tokens: int,
-        cost_fn: CostFn,
-        lease_seconds: float,
-        now: float,
-    ) -> _Attempt:
+    async def _attempt(self, req: _Request, model: str, provider: str) -> _Attempt:
         """Try one candidate model: reserve its worst case, or clamp; `failing` is empty iff it was not blocked."""
-        eff: dict[str, str | list[str]] = {**attrs, "model": model, "provider": provider}
+        request_id, input_tokens, max_output_tokens, min_output_tokens = (
+            req.request_id, req.input_tokens, req.max_output_tokens, req.min_output_tokens
+        )
+        cost_fn, lease_seconds, now = req.cost_fn, req.lease_seconds, req.now
+        eff: dict[str, str | list[str]] = {**req.attrs, "model": model, "provider": provider}
         counters = self._counters(eff, now)
         names = [c.cb.budget.name for c in counters]
-        base = dict(model=model, provider=provider, max_output_tokens=max_output_tokens, request_id=request_id, budgets=names)
+        base: dict[str, Any] = dict(
+            model=model, provider=provider, max_output_tokens=max_output_tokens, request_id=request_id, budgets=names
+        )
         if not counters:
-            return _Attempt(Admission("allowed", reason="no budget applies", **base), [])  # type: ignore[arg-type]
+            return _Attempt(Admission("allowed", reason="no budget applies", **base), [])
         cost = cost_fn(model, input_tokens, max_output_tokens)
         if cost is None:
             enforce = [c for c in counters if c.cb.enforce]
             if enforce:
                 reason = f"model {model!r} has no price; budget {enforce[0].cb.budget.name!r} cannot be enforced"
-                return _Attempt(Admission("blocked", reason=reason, **base), enforce)  # type: ignore[arg-type]
+                return _Attempt(Admission("blocked", reason=reason, **base), enforce)
             cost = 0
         try:
             res = await self._reserve(counters, request_id, cost, now, lease_seconds)
@@ -263,8 +268,10 @@ class BudgetEngine:
                     adm.blocking = self._status(failing[0], states[counters.index(failing[0])], now, cost=cost, held=False)
                     adm.reason = f"budget {failing[0].cb.budget.name!r} nearly exhausted; max_output_tokens lowered to {cap}"
                     return _Attempt(adm, [])
-                states = res.states
+                states = res.states  # lost a race: retry with the fresher numbers, if clamping still applies
                 failing = [c for c, s in zip(counters, states) if c.cb.enforce and s.over] or failing
+                if not all(c.cb.budget.clamp for c in failing):
+                    break
 
         by_counter = dict(zip((c.ref.key for c in counters), states))
         blocking = self._status(failing[0], by_counter[failing[0].ref.key], now, cost=cost, held=False)
@@ -276,9 +283,11 @@ class BudgetEngine:
             f"${nusd_to_usd(blocking.reserved_nusd):.4f} + this request ${nusd_to_usd(cost):.4f} > limit "
             f"${nusd_to_usd(blocking.limit_nusd):.4f}"
         )
-        return _Attempt(Admission("blocked", blocking=blocking, shadow_blocked=shadow, reason=reason, **base), failing)  # type: ignore[arg-type]
+        return _Attempt(Admission("blocked", blocking=blocking, shadow_blocked=shadow, reason=reason, **base), failing)
 
-    async def _reserve(self, counters: list[_Counter], request_id: str, cost: int, now: float, lease_seconds: float):  # type: ignore[no-untyped-def]
+    async def _reserve(
+        self, counters: list[_Counter], request_id: str, cost: int, now: float, lease_seconds: float
+    ) -> ReserveResult:
         return await self._store.reserve(
             [c.ref for c in counters],
             [c.limit for c in counters],
@@ -318,12 +327,12 @@ class BudgetEngine:
 
     def _admitted(
         self,
-        decision: str,
+        decision: Decision,
         counters: list[_Counter],
         states: list[CounterState],
         cost: int,
         now: float,
-        base: dict,  # type: ignore[type-arg]
+        base: dict[str, Any],
     ) -> Admission:
         statuses = [self._status(c, s, now, cost=cost, held=True) for c, s in zip(counters, states)]
         enforce = [st for st in statuses if st.mode == "enforce"]
@@ -331,7 +340,7 @@ class BudgetEngine:
             self._status(c, s, now, cost=cost, held=False) for c, s in zip(counters, states) if not c.cb.enforce and s.over
         ]
         return Admission(
-            decision,  # type: ignore[arg-type]
+            decision,
             reserved_nusd=cost,
             tightest=min(enforce, key=lambda st: st.remaining_nusd) if enforce else None,
             warnings=[st for st in statuses if st.warn_level is not None],
@@ -341,7 +350,7 @@ class BudgetEngine:
             **base,
         )
 
-    def _store_failure(self, counters: list[_Counter], err: StoreError, base: dict) -> Admission:  # type: ignore[type-arg]
+    def _store_failure(self, counters: list[_Counter], err: StoreError, base: dict[str, Any]) -> Admission:
         if all(c.cb.budget.on_store_error == "fail_open" for c in counters):
             log.warning("budget store unavailable, failing open: %s", err)
             return Admission("allowed", store_error=True, reason=f"budget store unavailable ({err}); fail_open", **base)

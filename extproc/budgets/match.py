@@ -13,7 +13,7 @@ from urllib.parse import quote
 from .money import usd_to_nusd
 from .policy import Budget, LimitSpec
 
-Attrs = Mapping[str, "str | list[str]"]
+Attrs = Mapping[str, str | list[str]]
 
 MISSING = "-"
 """Counter value for a `per` attribute the request does not have (or has empty)."""
@@ -27,9 +27,9 @@ def value_matches(value: str | list[str] | None, globs: list[str]) -> bool:
     return any(fnmatchcase(v, g) for v in values for g in globs)
 
 
-def where_matches(where: Mapping[str, list[str]], attrs: Attrs) -> bool:
+def where_matches(where: Mapping[str, str | list[str]], attrs: Attrs) -> bool:
     """All attribute conditions hold (an empty `where` always holds)."""
-    return all(value_matches(attrs.get(k), globs) for k, globs in where.items())
+    return all(value_matches(attrs.get(k), [g] if isinstance(g, str) else g) for k, g in where.items())
 
 
 def budget_matches(budget: Budget, attrs: Attrs, *, ignore_missing_model: bool = False) -> bool:
@@ -44,9 +44,9 @@ def budget_matches(budget: Budget, attrs: Attrs, *, ignore_missing_model: bool =
             continue
         if ignore_missing_model and attrs.get(attr) is None:
             continue
-        if not value_matches(attrs.get(attr), globs):  # type: ignore[arg-type]
+        if not value_matches(attrs.get(attr), [globs] if isinstance(globs, str) else globs):
             return False
-    return where_matches(m.where, attrs)  # type: ignore[arg-type]
+    return where_matches(m.where, attrs)
 
 
 def per_values(budget: Budget, attrs: Attrs) -> dict[str, str]:
@@ -71,6 +71,6 @@ def limit_nusd(budget: Budget, attrs: Attrs) -> int:
     """The limit for this request: first matching override, else first matching tier, else default."""
     spec: LimitSpec = budget.limit_spec()
     for entry in (*spec.overrides, *spec.tiers):
-        if where_matches(entry.where, attrs):  # type: ignore[arg-type]
+        if where_matches(entry.where, attrs):
             return usd_to_nusd(entry.limit_usd)
     return usd_to_nusd(spec.default)

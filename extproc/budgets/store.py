@@ -101,6 +101,14 @@ class BudgetStore:
         self.grace = grace
         self._scripts = {name: redis.register_script(text) for name, text in _SCRIPTS.items()}
 
+    async def load(self) -> None:
+        """SCRIPT LOAD every script, so the first EVALSHA does not miss."""
+        try:
+            for script in self._scripts.values():
+                script.sha = await self.redis.script_load(script.script)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from e
+
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self._scripts[name](keys=keys, args=args)
