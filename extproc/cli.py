@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--access-log", default="/dev/stdout")
     p.set_defaults(func=_envoy_config)
 
+    p = sub.add_parser("hash-key", help="print the sha256 to store in a policy for an API key or secret")
+    p.add_argument("secret")
+    p.set_defaults(func=lambda a: print(__import__("extproc.identity", fromlist=["hash_secret"]).hash_secret(a.secret)))
+
     p = sub.add_parser("fake-provider", help="run the fake OpenAI/Anthropic provider")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("extproc.fakeprovider.server", fromlist=["main"]).main(a.args))
