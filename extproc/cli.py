@@ -111,14 +111,12 @@ def _run(args: argparse.Namespace) -> None:
     stack = Stack(Path(args.policies), Path(args.run_dir).resolve(), StackPorts.from_env(), redis_url=redis_url,
                   extproc_stdout_to_terminal=True)
     print(f"tollgate: starting Redis, fake provider, ext_proc and Envoy (logs in {stack.run_dir}/) ...", flush=True)
-    stopping = False
-
     def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
         raise KeyboardInterrupt
 
+    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         stack.start()
         print(

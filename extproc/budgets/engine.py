@@ -39,7 +39,7 @@ from .match import Attrs, budget_matches, limit_nusd, per_key, per_values
 from .money import nusd_to_usd
 from .policy import Budget
 from .store import BudgetStore, CounterRef, CounterState, ReserveResult, StoreError
-from .windows import KEY_GRACE_SECONDS, Calendar, Period, Rolling, Window, window_for
+from .windows import KEY_GRACE_SECONDS, Calendar, Period, Window, window_for
 
 log = logging.getLogger(__name__)
 

@@ -66,3 +66,8 @@ async def admit(engine: BudgetEngine, rid: str, *, user: str = "alice", model: s
         provider_of=provider_of,
         lease_seconds=lease_seconds,
     )
+
+
+def ts(iso: str, tz: str = "UTC") -> float:
+    """Epoch seconds of a local wall time in `tz`."""
+    return datetime.fromisoformat(iso).replace(tzinfo=ZoneInfo(tz)).timestamp()

@@ -1,0 +1,296 @@
+"""BudgetEngine decisions against a real Redis: block, downgrade, clamp, shadow, leases, settle, release, windows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from budget_helpers import FakeClock, admit, ts
+
+from extproc.budgets import BudgetEngine, usd_to_nusd
+
+USD = usd_to_nusd(1)
+DAY = {"calendar": "day"}
+
+
+def tokens_for(usd: float) -> int:
+    """gpt-4o output tokens whose worst case costs `usd` ($10 per million)."""
+    return round(usd_to_nusd(usd) / 10_000)
+
+
+async def spend(engine: BudgetEngine, rid: str, usd: float, **kw) -> None:  # type: ignore[no-untyped-def]
+    """Admit a request and settle it at exactly `usd`."""
+    a = await admit(engine, rid, max_output_tokens=max(1, tokens_for(usd)), **kw)
+    assert a.admitted, a
+    assert await engine.settle(a, usd_to_nusd(usd)) == "settled"
+
+
+async def test_block_reports_spent_limit_and_reset(make_engine: Callable[..., BudgetEngine], clock: FakeClock) -> None:
+    e = make_engine({"name": "daily", "per": ["user"], "limit_usd": 1, "window": DAY})
+    clock.set("2026-11-28T10:00:00")
+    await spend(e, "r1", 0.6)
+    a = await admit(e, "r2", max_output_tokens=tokens_for(0.5))
+    assert a.decision == "blocked" and not a.admitted and a.reserved_nusd == 0
+    b = a.blocking
+    assert b is not None
+    assert (b.name, b.per, b.mode) == ("daily", {"user": "alice"}, "enforce")
+    assert (b.spent_nusd, b.reserved_nusd, b.limit_nusd, b.remaining_nusd) == (usd_to_nusd(0.6), 0, USD, usd_to_nusd(0.4))
+    assert b.resets_at == ts("2026-11-29T00:00") and b.retry_after_seconds == 14 * 3600
+    assert b.key.endswith(":b:daily:2026-11-28:user=alice")
+    assert "daily" in a.reason and "exceeded" in a.reason
+    # other users have their own counter; a smaller request still fits
+    assert (await admit(e, "r3", user="bob", max_output_tokens=tokens_for(0.5))).decision == "allowed"
+    assert (await admit(e, "r4", max_output_tokens=tokens_for(0.4))).decision == "allowed"
+    # the next day starts from zero
+    clock.set("2026-11-29T00:00:00")
+    a = await admit(e, "r5", max_output_tokens=tokens_for(0.9))
+    assert a.decision == "allowed" and a.tightest is not None
+    assert a.tightest.key.endswith(":2026-11-29:user=alice") and a.tightest.remaining_nusd == usd_to_nusd(0.1)
+
+
+async def test_counters_shared_per_user_per_team(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine(
+        {"name": "org", "limit_usd": 100, "window": DAY},
+        {"name": "users", "per": ["user"], "limit_usd": 10, "window": DAY},
+        {"name": "teams", "per": ["team"], "limit_usd": 50, "window": DAY},
+        {"name": "eng", "match": {"where": {"groups": "eng-*"}}, "per": ["team", "user"], "limit_usd": 5, "window": DAY},
+    )
+
+    def keys(**attrs: str | list[str]) -> set[str]:
+        return {k.split(":", 2)[2] for k in e.counter_keys({"model": "gpt-4o", "provider": "openai", **attrs})}
+
+    day = keys(user="x")
+    day = next(iter(day)).split(":")[1]  # the period id the fake clock is in
+    assert keys(user="alice", team="ml") == {f"org:{day}:_", f"users:{day}:user=alice", f"teams:{day}:team=ml"}
+    assert keys(user="bob", team="ml") == {f"org:{day}:_", f"users:{day}:user=bob", f"teams:{day}:team=ml"}
+    assert f"teams:{day}:team=-" in keys(user="carol")  # missing per attribute -> "-"
+    assert f"eng:{day}:team=ml,user=dan" in keys(user="dan", team="ml", groups=["sales", "eng-infra"])
+    assert not any(k.startswith("eng:") for k in keys(user="dan", team="ml", groups=["sales"]))
+
+    # shared counter: alice's and bob's spend add up on "org", not on "users"
+    await spend(e, "a1", 3, user="alice", team="ml")
+    await spend(e, "b1", 4, user="bob", team="ml")
+    by_name = {s.name: s for s in await e.status({"user": "bob", "team": "ml"})}
+    assert by_name["org"].spent_nusd == 7 * USD
+    assert by_name["teams"].spent_nusd == 7 * USD
+    assert by_name["users"].spent_nusd == 4 * USD
+
+
+async def test_tiers_and_overrides_pick_the_limit(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine({
+        "name": "monthly", "per": ["user"], "window": {"calendar": "month"},
+        "limit_usd": {
+            "default": 1,
+            "tiers": [{"where": {"groups": "senior-*"}, "limit_usd": 2}],
+            "overrides": [{"where": {"email": "alice@example.com"}, "limit_usd": 3}],
+        },
+    })
+    big = tokens_for(10)
+    a = await admit(e, "1", user="u1", max_output_tokens=big)
+    b = await admit(e, "2", user="u2", max_output_tokens=big, groups=["eng", "senior-eng"])
+    c = await admit(e, "3", user="u3", max_output_tokens=big, groups=["senior-eng"], email="alice@example.com")
+    assert [x.blocking.limit_nusd for x in (a, b, c) if x.blocking] == [1 * USD, 2 * USD, 3 * USD]
+
+
+async def test_downgrade_picks_first_fallback_that_fits(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine(
+        {"name": "gpt4o", "match": {"models": ["gpt-4o*"]}, "limit_usd": 1, "window": DAY,
+         "action": "downgrade", "fallbacks": ["no-such-model", "claude-sonnet", "gpt-4o-mini"]},
+        {"name": "claude", "match": {"providers": ["anthropic"]}, "limit_usd": 0.01, "window": DAY},
+    )
+    await spend(e, "r0", 0.95)
+    a = await admit(e, "r1", max_output_tokens=10_000)  # $0.10 on gpt-4o does not fit
+    assert a.decision == "downgraded" and a.admitted
+    assert (a.model, a.provider, a.max_output_tokens) == ("gpt-4o-mini", "openai", 10_000)
+    assert a.reserved_nusd == 10_000 * 600 and "gpt4o" in a.reason and a.blocking and a.blocking.name == "gpt4o"
+    assert a.budgets == ["gpt4o"]
+    # settle charges the fallback's counters
+    assert await e.settle(a, 5_000_000) == "settled"
+    (st,) = [s for s in await e.status({"model": "gpt-4o-mini", "provider": "openai"}) if s.name == "gpt4o"]
+    assert st.spent_nusd == usd_to_nusd(0.955) and st.reserved_nusd == 0
+    # when no fallback fits, the request is blocked by the original budget
+    b = await admit(e, "r2", max_output_tokens=200_000)  # mini would be $0.12 > $0.045 left
+    assert b.decision == "blocked" and b.blocking and b.blocking.name == "gpt4o" and "no fallback fits" in b.reason
+
+
+async def test_clamp_lowers_cap_then_blocks_below_min_output(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine({"name": "c", "limit_usd": 1, "window": DAY, "clamp": True})
+    await spend(e, "r0", 0.9)
+    a = await admit(e, "r1", input_tokens=1_000, max_output_tokens=20_000)  # $0.2025 worst case, $0.10 left
+    assert a.decision == "clamped" and a.max_output_tokens == 9_750  # (1e8 - 2.5e6) / 1e4
+    assert a.reserved_nusd == 1_000 * 2_500 + 9_750 * 10_000 and a.blocking and a.blocking.name == "c"
+    assert a.tightest and a.tightest.remaining_nusd == 0
+    b = await admit(e, "r2", max_output_tokens=1_000, min_output_tokens=16)
+    assert b.decision == "blocked"
+    await e.release(a)
+    c = await admit(e, "r3", max_output_tokens=100_000, min_output_tokens=10_001)  # min itself does not fit
+    assert c.decision == "blocked"
+    d = await admit(e, "r4", max_output_tokens=100_000, min_output_tokens=10_000)
+    assert d.decision == "clamped" and d.max_output_tokens == 10_000
+
+
+async def test_clamp_needs_every_failing_budget_to_allow_it(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine(
+        {"name": "soft", "limit_usd": 1, "window": DAY, "clamp": True},
+        {"name": "hard", "limit_usd": 1, "window": {"calendar": "month"}},
+    )
+    await spend(e, "r0", 0.9)
+    a = await admit(e, "r1", max_output_tokens=20_000)
+    assert a.decision == "blocked" and a.blocking and a.blocking.name == "soft"
+
+
+async def test_shadow_never_blocks_but_records_and_reports(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine({"name": "trial", "per": ["user"], "limit_usd": 0.05, "window": DAY, "mode": "shadow", "warn_at": [0.5]})
+    for i in range(3):
+        a = await admit(e, f"r{i}", max_output_tokens=tokens_for(0.04))
+        assert a.decision == "allowed" and a.tightest is None
+        assert await e.settle(a, usd_to_nusd(0.03)) == "settled"
+    assert [s.name for s in a.shadow_blocked] == ["trial"]  # 0.06 spent + 0.04 > 0.05
+    assert a.warnings and a.warnings[0].warn_level == 0.5
+    (st,) = await e.status({"user": "alice"})
+    assert (st.mode, st.spent_nusd, st.reserved_nusd) == ("shadow", usd_to_nusd(0.09), 0)
+
+
+async def test_shadow_and_enforce_together(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine(
+        {"name": "real", "limit_usd": 1, "window": DAY},
+        {"name": "planned", "limit_usd": 0.01, "window": DAY, "mode": "shadow"},
+    )
+    a = await admit(e, "r1", max_output_tokens=tokens_for(0.5))
+    assert a.decision == "allowed" and [s.name for s in a.shadow_blocked] == ["planned"]
+    assert a.tightest and a.tightest.name == "real"
+    b = await admit(e, "r2", max_output_tokens=tokens_for(0.6))
+    assert b.decision == "blocked" and b.blocking and b.blocking.name == "real"
+
+
+async def test_lease_expiry_frees_and_late_settle_still_charges(make_engine: Callable[..., BudgetEngine], clock: FakeClock) -> None:
+    e = make_engine({"name": "d", "limit_usd": 1, "window": DAY})
+    clock.set("2026-11-28T10:00:00")
+    r1 = await admit(e, "r1", max_output_tokens=tokens_for(0.8), lease_seconds=30)
+    assert r1.decision == "allowed"
+    r2 = await admit(e, "r2", max_output_tokens=tokens_for(0.5))
+    assert r2.decision == "blocked" and r2.blocking and r2.blocking.reserved_nusd == usd_to_nusd(0.8)
+    clock.advance(30)  # the gateway holding r1 "crashed"; its lease is over
+    r2 = await admit(e, "r2", max_output_tokens=tokens_for(0.5))
+    assert r2.decision == "allowed"
+    assert await e.settle(r1, usd_to_nusd(0.3)) == "settled"  # after expiry: still charged
+    (st,) = await e.status({})
+    assert (st.spent_nusd, st.reserved_nusd) == (usd_to_nusd(0.3), usd_to_nusd(0.5))
+
+
+async def test_settle_is_idempotent_and_release_frees(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine({"name": "d", "limit_usd": 1, "window": DAY}, {"name": "r", "limit_usd": 1, "window": {"rolling": "1h"}})
+    a = await admit(e, "r1", max_output_tokens=tokens_for(0.7))
+    assert await e.settle(a, usd_to_nusd(0.2)) == "settled"
+    assert await e.settle(a, usd_to_nusd(0.2)) == "duplicate"
+    assert await e.settle(a, usd_to_nusd(0.9)) == "duplicate"
+    assert [(s.spent_nusd, s.reserved_nusd) for s in await e.status({})] == [(usd_to_nusd(0.2), 0)] * 2
+    b = await admit(e, "r2", max_output_tokens=tokens_for(0.8))
+    assert b.decision == "allowed"
+    assert (await admit(e, "r3", max_output_tokens=tokens_for(0.1))).decision == "blocked"
+    assert await e.release(b) == "released"
+    assert await e.release(b) == "released"  # harmless twice
+    assert [(s.spent_nusd, s.reserved_nusd) for s in await e.status({})] == [(usd_to_nusd(0.2), 0)] * 2
+    assert (await admit(e, "r3", max_output_tokens=tokens_for(0.8))).decision == "allowed"
+
+
+async def test_readmitting_a_request_id_replaces_its_lease(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine({"name": "d", "limit_usd": 1, "window": DAY})
+    for _ in range(3):
+        assert (await admit(e, "same", max_output_tokens=tokens_for(0.6))).decision == "allowed"
+    (st,) = await e.status({})
+    assert st.reserved_nusd == usd_to_nusd(0.6)
+
+
+async def test_warnings_and_tightest(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine(
+        {"name": "day", "limit_usd": 1, "window": DAY, "warn_at": [0.5, 0.8]},
+        {"name": "month", "limit_usd": 10, "window": {"calendar": "month"}, "warn_at": [0.9]},
+    )
+    a = await admit(e, "r1", max_output_tokens=tokens_for(0.4))
+    assert a.warnings == [] and a.tightest and a.tightest.name == "day"
+    assert a.tightest.remaining_nusd == usd_to_nusd(0.6) and a.tightest.reserved_nusd == usd_to_nusd(0.4)
+    b = await admit(e, "r2", max_output_tokens=tokens_for(0.45))  # crosses 0.8
+    assert [(w.name, w.warn_level) for w in b.warnings] == [("day", 0.8)]
+    await e.settle(a, usd_to_nusd(0.4))
+    c = await admit(e, "r3", max_output_tokens=tokens_for(0.05))  # already above 0.8: still warned
+    assert [(w.name, w.warn_level) for w in c.warnings] == [("day", 0.8)]
+
+
+async def test_rolling_window_ages_out(make_engine: Callable[..., BudgetEngine], clock: FakeClock) -> None:
+    e = make_engine({"name": "roll", "limit_usd": 1, "window": {"rolling": "4h", "bucket": "1h"}})
+    clock.set("2026-11-28T10:30:00")
+    await spend(e, "r1", 0.5)  # bucket 10:00
+    clock.set("2026-11-28T11:30:00")
+    await spend(e, "r2", 0.3)  # bucket 11:00
+    clock.set("2026-11-28T12:15:00")
+    a = await admit(e, "r3", max_output_tokens=tokens_for(0.4))  # 0.8 + 0.4 > 1: wait for the 10:00 bucket to leave
+    assert a.decision == "blocked" and a.blocking
+    assert a.blocking.spent_nusd == usd_to_nusd(0.8)
+    assert a.blocking.retry_after_seconds == ts("2026-11-28T14:00") - clock()
+    assert a.blocking.resets_at == ts("2026-11-28T14:00")
+    big = await admit(e, "r4", max_output_tokens=tokens_for(1.5))  # never fits
+    assert big.blocking and big.blocking.retry_after_seconds == 4 * 3600
+    clock.set("2026-11-28T13:59:59")
+    assert (await admit(e, "r3", max_output_tokens=tokens_for(0.4))).decision == "blocked"
+    clock.set("2026-11-28T14:00:00")
+    a = await admit(e, "r3", max_output_tokens=tokens_for(0.4))
+    assert a.decision == "allowed" and a.tightest and a.tightest.spent_nusd == usd_to_nusd(0.3)
+    clock.set("2026-11-29T14:00:00")  # a day later everything has aged out (and been pruned)
+    await e.release(a)
+    (st,) = await e.status({})
+    assert (st.spent_nusd, st.reserved_nusd, st.remaining_nusd) == (0, 0, USD)
+
+
+async def test_calendar_counter_is_per_period_with_ttl(make_engine: Callable[..., BudgetEngine], clock: FakeClock, rds) -> None:  # type: ignore[no-untyped-def]
+    e = make_engine({"name": "m", "limit_usd": 1, "window": {"calendar": "month", "timezone": "Europe/Berlin"}})
+    clock.set("2026-11-30T23:30:00", "Europe/Berlin")
+    await spend(e, "r1", 0.9)
+    (st,) = await e.status({})
+    assert st.key.endswith(":b:m:2026-11:_") and st.resets_at == ts("2026-12-01T00:00", "Europe/Berlin")
+    ttl = await rds.ttl(st.key)
+    assert 1800 + 86400 < ttl <= 1800 + 2 * 86400  # a bit past the period end
+    clock.set("2026-12-01T00:00:00", "Europe/Berlin")
+    a = await admit(e, "r2", max_output_tokens=tokens_for(0.9))
+    assert a.decision == "allowed" and a.tightest and a.tightest.key.endswith(":b:m:2026-12:_")
+
+
+async def test_unpriced_and_unmatched_models(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine({"name": "gpt", "match": {"models": ["gpt-*"]}, "limit_usd": 1, "window": DAY})
+    a = await admit(e, "r1", model="claude-haiku", max_output_tokens=100)
+    assert a.decision == "allowed" and a.counters == () and a.budgets == []
+    assert await e.settle(a, 123) == "nothing" and await e.release(a) == "nothing"
+    b = await admit(e, "r2", model="gpt-unpriced", max_output_tokens=100)
+    assert b.decision == "blocked" and "no price" in b.reason
+
+
+async def test_status_without_model_lists_model_scoped_budgets(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine(
+        {"name": "gpt", "match": {"models": ["gpt-*"]}, "per": ["user"], "limit_usd": 1, "window": DAY},
+        {"name": "ml", "match": {"where": {"team": "ml"}}, "limit_usd": 1, "window": DAY},
+    )
+    assert [s.name for s in await e.status({"user": "alice"})] == ["gpt"]
+    assert [s.name for s in await e.status({"user": "alice", "model": "claude-haiku"})] == []
+    assert [s.name for s in await e.status({"user": "alice", "team": "ml"})] == ["gpt", "ml"]
+
+
+async def test_downgrade_to_unbudgeted_or_clamped_fallback(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine(
+        {"name": "premium", "match": {"models": ["gpt-4o", "gpt-unpriced"]}, "limit_usd": 0.01, "window": DAY,
+         "action": "downgrade", "fallbacks": ["claude-haiku"]},
+        {"name": "cheap", "match": {"providers": ["anthropic"]}, "limit_usd": 0.002, "window": DAY, "clamp": True},
+    )
+    # gpt-4o: $0.10 > $0.01 -> claude-haiku: 1000 * $4/M = $0.004 > $0.002, but "cheap" clamps to 500 tokens
+    a = await admit(e, "r1", max_output_tokens=10_000)
+    assert a.decision == "downgraded" and (a.model, a.provider) == ("claude-haiku", "anthropic")
+    assert a.max_output_tokens == 500 and "max_output_tokens=500" in a.reason
+    # an unpriced model matched by an enforce budget cannot be bounded: downgrade applies too
+    await e.release(a)
+    b = await admit(e, "r2", model="gpt-unpriced", max_output_tokens=100)
+    assert b.decision == "downgraded" and b.model == "claude-haiku" and b.max_output_tokens == 100
+
+
+async def test_downgrade_to_a_model_no_budget_covers(make_engine: Callable[..., BudgetEngine]) -> None:
+    e = make_engine({"name": "gpt4o", "match": {"models": ["gpt-4o"]}, "limit_usd": 0.01, "window": DAY,
+                     "action": "downgrade", "fallbacks": ["gpt-4o-mini"]})
+    a = await admit(e, "r1", max_output_tokens=10_000)
+    assert a.decision == "downgraded" and a.model == "gpt-4o-mini" and a.counters == () and a.reserved_nusd == 0
