@@ -7,8 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .attribution import Sink, stdout_sink
+from .budgets import BudgetEngine
 from .config import Config
 from .identity import Authenticator
 from .processor import Processor
@@ -22,11 +25,14 @@ class Gateway:
     sink: Sink
     auth: Authenticator
     redis: aioredis.Redis | None = None
+    budgets: BudgetEngine | None = None
     clock: Callable[[], float] = time.time
     provider_keys: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.refresh_keys()
+        if self.config.doc.budgets and self.redis is not None:
+            self.budgets = BudgetEngine(list(self.config.doc.budgets), self.redis, clock=self.clock)
 
     def refresh_keys(self) -> None:
         """Read gateway-held provider keys once (env or file), not per request."""
@@ -48,6 +54,7 @@ async def build_gateway(config: Config, *, redis_url: str | None) -> Gateway:
     if redis_url:
         # Short timeouts: a dead Redis must turn into a clear error well inside Envoy's
         # 3 s ext_proc message timeout, never a hung request.
+        # No retries either: redis-py's default retries with backoff took 6 s on a hung Redis.
         redis = aioredis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
-                                        health_check_interval=0)
+                                        health_check_interval=0, retry=Retry(NoBackoff(), 0))
     return Gateway(config=config, sink=stdout_sink(), auth=Authenticator(config.doc.identity), redis=redis)

@@ -16,12 +16,14 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .access import AccessRule
+from .budgets import BudgetList
 from .identity import IdentityConfig
 from .policy_yaml import PolicyError, SourceMap, load_yaml
 from .pricing import ModelPrice, PriceTable
 
 Wire = Literal["openai", "anthropic"]
-_JOINED_SECTIONS = {"budgets"}
+_JOINED_SECTIONS = {"budgets", "access"}
 
 
 class _Strict(BaseModel):
@@ -103,6 +105,10 @@ class Route(_Strict):
 class GatewaySection(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     request_timeout_seconds: float = Field(default=600, gt=0, description="longest an LLM request may run")
+    trusted_metadata_sources: list[str] = Field(
+        default_factory=list,
+        description="identity sources (globs on `source`, e.g. 'service_token', 'jwt:*') whose "
+                    "x-tollgate-metadata header is honoured as custom attributes")
 
 
 class PolicyDoc(_Strict):
@@ -110,7 +116,8 @@ class PolicyDoc(_Strict):
     providers: dict[str, Provider]
     routes: list[Route]
     gateway: GatewaySection = GatewaySection()
-    budgets: list[Any] = []
+    budgets: BudgetList = []
+    access: list[AccessRule] = []
     identity: IdentityConfig = IdentityConfig()
 
     @field_validator("providers")

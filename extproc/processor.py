@@ -9,6 +9,7 @@ loop for a client's mistake: refusals are `GatewayError`s answered as ImmediateR
 from __future__ import annotations
 
 import time
+import uuid
 from typing import TYPE_CHECKING
 from datetime import datetime, timezone
 from typing import Any
@@ -16,7 +17,10 @@ from typing import Any
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
+from . import access
 from . import messages as msg
+from .budgets import Admission
+from .budgets import replies as budget_replies
 from .config import Config
 from .errors import GatewayError, Shape, bad_request
 from .identity import AuthError, Identity
@@ -29,6 +33,9 @@ if TYPE_CHECKING:
 # Headers a client may not set: only the gateway speaks `x-tollgate-*`.
 _OWN_PREFIX = "x-tollgate-"
 UPSTREAM_HEADER = "x-tollgate-upstream"
+METADATA_HEADER = "x-tollgate-metadata"  # custom attributes, from trusted identities only
+# Attributes a metadata header can never set: they come from verified identity or the request.
+_PROTECTED_ATTRS = frozenset({"user", "email", "groups", "team", "app", "service_token", "source", "model", "provider"})
 
 
 class Processor:
@@ -56,11 +63,18 @@ class Processor:
         self.decision = "allowed"
         self.error_code: str | None = None
         self.identity: Identity | None = None
+        self.metadata: dict[str, str | list[str]] = {}
+        self.admission: Admission | None = None
+        self.shadow_blocked: list[str] = []
+        self.decision_reason: str | None = None
+        self.settlement: str | None = None
+        self.envoy_request_id = ""
 
     # ---- request headers -------------------------------------------------------------
     async def request_headers(self, h: HttpHeaders) -> ProcessingResponse:
         headers = _headers(h)
-        self.request_id = headers.get("x-request-id", "")
+        self.request_id = uuid.uuid4().hex
+        self.envoy_request_id = headers.get("x-request-id", "")
         self.path = headers.get(":path", "")
         method = headers.get(":method", "")
         bare_path = self.path.split("?", 1)[0]
@@ -70,6 +84,7 @@ class Processor:
                 self.identity = await self.gw.auth.authenticate(headers)
             except AuthError as e:
                 raise GatewayError(e.status, e.message, type="authentication_error", code=e.check) from None
+            self.metadata = self._trusted_metadata(headers.get(METADATA_HEADER))
             if bare_path == "/v1/models" and method == "GET":
                 return self._models_reply()
             self.api = api_for_path(bare_path)
@@ -96,29 +111,35 @@ class Processor:
     # ---- request body ----------------------------------------------------------------
     async def request_body(self, b: HttpBody) -> ProcessingResponse:
         assert self.api is not None
+        api = self.api
         try:
             raw = b.body
             limit = self.config.gateway.max_request_bytes
             if len(raw) > limit:
                 raise _too_large(len(raw), limit)
-            req = self.req = self.api.parse(raw)
+            req = self.req = api.parse(raw)
             self.price = self.config.prices.lookup(req.model)
             if self.price is None:
                 raise GatewayError(400, f"The model `{req.model}` has no price in Tollgate's price table, so it "
                                    "cannot be budgeted. Ask your platform team to add it.",
                                    code="model_not_found", param="model")
-            self.provider = self.config.route(req.model, self.api.wire)
+            self.provider = self.config.route(req.model, api.wire)
             if self.provider is None:
                 raise GatewayError(400, f"No provider is configured to serve `{req.model}` on {self.path}.",
                                    code="model_not_routable", param="model")
+            attrs = self._attrs()
+            rules = self.config.doc.access
+            if rules and not access.allowed(rules, attrs, req.model):
+                raise access.refusal(rules, attrs, req.model, self.config.prices.names())
+            changed = await self._admit(req, attrs)
         except GatewayError as e:
             return self._refuse(e)
-        changed = req.stream and self.api.prepare_stream(req.body)
+        changed = (req.stream and api.prepare_stream(req.body)) or changed
         set_headers = {UPSTREAM_HEADER: self.provider}
         remove: list[str] = []
         key = self.gw.provider_keys.get(self.provider)
         if key:
-            if self.api.wire == "anthropic":
+            if api.wire == "anthropic":
                 set_headers["x-api-key"] = key
                 remove.append("authorization")
             else:
@@ -129,17 +150,91 @@ class Processor:
             body = orjson.dumps(req.body)
             set_headers["content-length"] = str(len(body))
         self.forwarded = True
-        self.model_served = req.model
-        meta = msg.metadata({"provider": self.provider, "model_requested": req.model, **self._identity_meta()})
+        meta = msg.metadata({"provider": self.provider, "model_requested": req.model,
+                             "model_served": self.model_served, "decision": self.decision, **self._request_meta()})
         return msg.request_body(msg.common(set_headers, remove, body, clear_route_cache=True), meta)
+
+    async def _admit(self, req: ParsedRequest, attrs: dict[str, str | list[str]]) -> bool:
+        """Reserve the worst case against every matching budget; apply a downgrade or clamp.
+
+        Returns True when the body changed. Raises GatewayError on a block or a dead store.
+        """
+        assert self.api is not None and self.price is not None and self.provider is not None
+        self.model_served = req.model
+        engine = self.gw.budgets
+        if engine is None:
+            return False
+        explicit_cap = req.output_cap
+        cap = (explicit_cap or self.price.max_output_tokens) if self.api.has_output else 0
+        prices, rules, wire = self.config.prices, self.config.doc.access, self.api.wire
+
+        def cost_fn(model: str, input_tokens: int, output_tokens: int) -> int | None:
+            p = prices.lookup(model)
+            return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens))
+
+        def provider_of(model: str) -> str | None:
+            # A fallback must be priced, routable for this wire format, and allowed for this caller.
+            if prices.lookup(model) is None or (rules and not access.allowed(rules, attrs, model)):
+                return None
+            return self.config.route(model, wire)
+
+        adm = self.admission = await engine.admit(
+            request_id=self.request_id, attrs=attrs, model=req.model, provider=self.provider,
+            input_tokens=req.input_tokens_upper, max_output_tokens=cap, min_output_tokens=min(16, cap),
+            cost_fn=cost_fn, provider_of=provider_of,
+            lease_seconds=self.config.gateway.request_timeout_seconds + 60)
+        self.shadow_blocked = [st.name for st in adm.shadow_blocked]
+        if adm.decision == "blocked":
+            raise budget_replies.blocked(adm, req.model)
+        if adm.decision == "store_error":
+            raise budget_replies.store_unavailable()
+        self.decision = adm.decision
+        self.decision_reason = adm.reason or None
+        changed = False
+        if adm.model != req.model:
+            self.api.set_model(req.body, adm.model)
+            self.provider, self.model_served = adm.provider, adm.model
+            self.price = prices.lookup(adm.model)
+            changed = True
+        if self.api.has_output and adm.max_output_tokens < cap:
+            self.api.set_output_cap(req.body, adm.max_output_tokens)
+            changed = True
+        return changed
+
+    def _attrs(self) -> dict[str, str | list[str]]:
+        attrs: dict[str, str | list[str]] = dict(self.metadata)
+        if self.identity is not None:
+            attrs.update(self.identity.attrs())
+        return attrs
+
+    def _trusted_metadata(self, raw: str | None) -> dict[str, str | list[str]]:
+        """Custom attributes from `x-tollgate-metadata`, honoured only for trusted identity sources."""
+        if not raw or self.identity is None:
+            return {}
+        trusted = self.config.gateway.trusted_metadata_sources
+        if not trusted or not access.value_matches(self.identity.source, trusted):
+            return {}
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise bad_request(f"{METADATA_HEADER} must be a JSON object of strings.", code="invalid_metadata") from None
+        if not isinstance(obj, dict):
+            raise bad_request(f"{METADATA_HEADER} must be a JSON object of strings.", code="invalid_metadata")
+        out: dict[str, str | list[str]] = {}
+        for k, v in obj.items():
+            if k in _PROTECTED_ATTRS:
+                continue
+            if isinstance(v, str):
+                out[k] = v
+            elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+                out[k] = v
+        return out
 
     # ---- response headers ------------------------------------------------------------
     async def response_headers(self, h: HttpHeaders) -> ProcessingResponse:
         headers = _headers(h)
         self.status = int(headers.get(":status", "0") or 0)
-        add = {"x-tollgate-request-id": self.request_id}
-        if self.model_served:
-            add["x-tollgate-model-served"] = self.model_served
+        add = self._response_headers()
         if h.end_of_stream:
             await self.finish()
             return msg.response_headers(msg.common(add))
@@ -149,6 +244,26 @@ class Processor:
             self.stream_state = StreamState()
             return msg.response_headers(msg.common(add), msg.STREAMED_RESPONSE)
         return msg.response_headers(msg.common(add))
+
+    def _response_headers(self) -> dict[str, str]:
+        """Headers every forwarded response carries: who served it and what budget is left."""
+        add = {"x-tollgate-request-id": self.request_id}
+        if self.model_served:
+            add["x-tollgate-model-served"] = self.model_served
+        adm = self.admission
+        if adm is not None:
+            add["x-tollgate-decision"] = adm.decision
+            if adm.tightest is not None:
+                add["x-tollgate-budget-remaining-usd"] = budget_replies.usd(adm.tightest.remaining_nusd)
+                add["x-tollgate-budget-name"] = adm.tightest.name
+            if adm.decision == "clamped" or (adm.decision == "downgraded" and self.req
+                                             and adm.max_output_tokens < (self.req.output_cap or 1 << 60)):
+                add["x-tollgate-max-tokens-clamped"] = str(adm.max_output_tokens)
+            if adm.warnings:
+                add["x-tollgate-budget-warning"] = ", ".join(
+                    f"{w.name} at {round(100 * (w.spent_nusd + w.reserved_nusd) / max(w.limit_nusd, 1))}%"
+                    for w in adm.warnings)
+        return add
 
     # ---- response body ---------------------------------------------------------------
     async def response_body(self, b: HttpBody) -> ProcessingResponse:
@@ -184,6 +299,10 @@ class Processor:
         self.finished = True
         usage, complete = self._usage(incomplete)
         cost = self.price.cost_nusd(usage) if (self.price and usage) else 0
+        adm, engine = self.admission, self.gw.budgets
+        if adm is not None and adm.counters and engine is not None:
+            # Never lost: the real cost replaces the reservation; no usage (upstream error) frees it.
+            self.settlement = await (engine.settle(adm, cost) if usage is not None else engine.release(adm))
         record = self._record(usage, cost, complete)
         self.gw.sink(record)
         return record
@@ -218,11 +337,11 @@ class Processor:
             self.model_served = obj["model"]
         return self.api.usage_from_json(obj), True
 
-    def _identity_meta(self) -> dict[str, Any]:
+    def _request_meta(self) -> dict[str, Any]:
         i = self.identity
         if i is None:
-            return {}
-        return {"user": i.user, "email": i.email, "groups": ",".join(i.groups), "team": i.team, "app": i.app,
+            return {"request_id": self.request_id}
+        return {"request_id": self.request_id, "user": i.user, "email": i.email, "groups": ",".join(i.groups), "team": i.team, "app": i.app,
                 "service_token": i.service_token, "auth_source": i.source}
 
     def _record(self, usage: Usage | None, cost_nusd: int, complete: bool) -> dict[str, Any]:
@@ -231,6 +350,7 @@ class Processor:
         return {
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "request_id": self.request_id,
+            "envoy_request_id": self.envoy_request_id,
             "user": i.user if i else None,
             "email": i.email if i else None,
             "groups": list(i.groups) if i else [],
@@ -243,6 +363,12 @@ class Processor:
             "model_requested": self.req.model if self.req else None,
             "model_served": self.model_served,
             "decision": self.decision,
+            "reason": self.decision_reason,
+            "budgets": self.admission.budgets if self.admission else [],
+            "warnings": [w.name for w in self.admission.warnings] if self.admission else [],
+            "shadow_blocked": self.shadow_blocked,
+            "reserved_usd": self.admission.reserved_nusd / NANO_PER_USD if self.admission else 0.0,
+            "settlement": self.settlement,
             "error_code": self.error_code,
             "stream": self.streamed,
             "complete": complete,
@@ -260,12 +386,14 @@ class Processor:
     def _refuse(self, err: GatewayError) -> ProcessingResponse:
         """Answer the client directly and record the refusal."""
         self.status = err.status
-        self.decision = "blocked" if err.status == 429 else "refused"
+        self.decision = "blocked" if err.type == "budget_exceeded" else "refused"
+        if self.decision == "blocked" and self.admission is not None:
+            self.decision_reason = self.admission.reason or None
         self.error_code = err.code or err.type
         self.finished = True
         record = self._record(None, 0, True)
         self.gw.sink(record)
-        meta = msg.metadata({**self._identity_meta(), "decision": self.decision, "status": self.status})
+        meta = msg.metadata({**self._request_meta(), "decision": self.decision, "status": self.status})
         return msg.error_reply(err, self.shape, {"x-tollgate-request-id": self.request_id}, meta)
 
     def internal_error(self, phase: str) -> ProcessingResponse:

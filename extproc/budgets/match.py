@@ -7,29 +7,15 @@ Pure functions over a request's attributes (`Mapping[str, str | list[str]]`, wit
 from __future__ import annotations
 
 from collections.abc import Mapping
-from fnmatch import fnmatchcase
 from urllib.parse import quote
 
+from ..attrs import Attrs, value_matches, where_matches
 from .money import usd_to_nusd
 from .policy import Budget, LimitSpec
 
-Attrs = Mapping[str, str | list[str]]
 
 MISSING = "-"
 """Counter value for a `per` attribute the request does not have (or has empty)."""
-
-
-def value_matches(value: str | list[str] | None, globs: list[str]) -> bool:
-    """A string matches if any glob does; a list if any element does; a missing value never matches."""
-    if value is None:
-        return False
-    values = [value] if isinstance(value, str) else value
-    return any(fnmatchcase(v, g) for v in values for g in globs)
-
-
-def where_matches(where: Mapping[str, str | list[str]], attrs: Attrs) -> bool:
-    """All attribute conditions hold (an empty `where` always holds)."""
-    return all(value_matches(attrs.get(k), [g] if isinstance(g, str) else g) for k, g in where.items())
 
 
 def budget_matches(budget: Budget, attrs: Attrs, *, ignore_missing_model: bool = False) -> bool:
