@@ -1,8 +1,8 @@
 """The policy directory, loaded and validated once into an immutable `Config`.
 
-Every `*.yaml` file under the directory contributes top-level sections. `budgets` lists from
-several files are joined (one file per team reads well); any other section may appear in one
-file only. Problems are reported all at once with file and line (`tollgate check`).
+Every `*.yaml` file under the directory contributes top-level sections, merged in file-name
+order: mappings merge, lists join (one file of budgets per team reads well), and a value set in
+two files is an error. Problems are reported all at once with file and line (`tollgate check`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .policy_yaml import PolicyError, SourceMap, load_yaml
 from .pricing import ModelPrice, PriceTable
 
 Wire = Literal["openai", "anthropic"]
-_JOINED_SECTIONS = {"budgets", "access"}
 
 
 class _Strict(BaseModel):
@@ -160,7 +159,6 @@ def load_config(directory: str | os.PathLike[str]) -> Config:
         raise PolicyError([f"{root}: policy directory not found"])
     merged: dict[str, Any] = {}
     smap = SourceMap()
-    origin: dict[str, str] = {}
     problems: list[str] = []
     files = sorted(p for p in root.rglob("*.yaml") if p.is_file())
     if not files:
@@ -177,19 +175,7 @@ def load_config(directory: str | os.PathLike[str]) -> Config:
         if not isinstance(data, dict):
             problems.append(f"{display}:1: a policy file must be a mapping of sections")
             continue
-        for section, value in data.items():
-            if section in _JOINED_SECTIONS and section in merged:
-                if not isinstance(value, list):
-                    problems.append(fmap.describe((section,), "must be a list"))
-                    continue
-                fmap.shift((section,), len(merged[section]))
-                merged[section] = merged[section] + value
-            elif section in merged:
-                problems.append(fmap.describe((section,), f"section already defined in {origin[section]}"))
-                continue
-            else:
-                merged[section] = value
-                origin[section] = display
+        problems.extend(_merge(merged, data, (), fmap, smap))
         smap.merge(fmap)
     if problems:
         raise PolicyError(problems)
@@ -202,6 +188,28 @@ def load_config(directory: str | os.PathLike[str]) -> Config:
         raise PolicyError(problems)
     prices = PriceTable(doc.prices.models, doc.prices.default)
     return Config(doc=doc, prices=prices, source=root)
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any], loc: tuple, fmap: SourceMap, smap: SourceMap) -> list[str]:
+    """Fold one file into the merged document: mappings merge, lists join, a value set twice is an error.
+
+    So a section can be split across files (one file of budgets per team, service tokens apart
+    from API keys), while two files disagreeing about one setting is reported, not resolved.
+    """
+    problems = []
+    for key, value in src.items():
+        here = loc + (key,)
+        if key not in dst:
+            dst[key] = value
+        elif isinstance(dst[key], dict) and isinstance(value, dict):
+            problems.extend(_merge(dst[key], value, here, fmap, smap))
+        elif isinstance(dst[key], list) and isinstance(value, list):
+            fmap.shift(here, len(dst[key]))
+            dst[key] = dst[key] + value
+        else:
+            first = smap.lookup(here)
+            problems.append(fmap.describe(here, f"already set at {first[0]}:{first[1]}" if first else "set twice"))
+    return problems
 
 
 def _cross_check(doc: PolicyDoc, smap: SourceMap) -> list[str]:

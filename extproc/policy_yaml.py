@@ -67,7 +67,7 @@ class SourceMap:
         for err in exc.errors(include_url=False):
             # Drop pydantic's union-branch names (e.g. 'float', 'TieredLimit') from the path.
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or p in _TYPE_TAGS)))
-            out.append(self.describe(base + loc, err["msg"]))
+            out.append(self.describe(base + loc, err["msg"].removeprefix("Value error, ")))
         return out
 
 

@@ -185,7 +185,7 @@ class Processor:
             lease_seconds=self.config.gateway.request_timeout_seconds + 60)
         self.shadow_blocked = [st.name for st in adm.shadow_blocked]
         if adm.decision == "blocked":
-            raise budget_replies.blocked(adm, req.model)
+            raise budget_replies.blocked(adm, req.model, cost_fn(req.model, req.input_tokens_upper, cap))
         if adm.decision == "store_error":
             raise budget_replies.store_unavailable()
         self.decision = adm.decision

@@ -12,6 +12,7 @@ import pytest
 
 from extproc.procs import free_port, redis_proc, wait_for_port
 from extproc.stack import Stack, StackPorts
+from tests.e2e_idp import TestIdP
 
 REPO = Path(__file__).resolve().parent.parent
 # The key the gateway holds for the fake provider in tests (policies: key: {env: TOLLGATE_FAKE_KEY}).
@@ -41,10 +42,20 @@ def policy_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(policy_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def idp() -> Iterator[TestIdP]:
+    """A JWKS-serving identity provider with real keys (the test policies trust it)."""
+    server = TestIdP().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(policy_dir: Path, idp: TestIdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The real stack (Redis, fake provider, ext_proc, Envoy) on free ports, shared by e2e tests."""
     s = Stack(policy_dir, tmp_path_factory.mktemp("stack"), StackPorts.free(),
-              extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY})
+              extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY, "TEST_JWKS_PORT": str(idp.port)})
     try:
         s.start()
         yield s

@@ -55,10 +55,23 @@ def test_route_to_unknown_provider(pdir):
 
 def test_yaml_syntax_error_and_duplicate_section(pdir):
     (pdir / "broken.yaml").write_text("gateway:\n  a: [1, 2\n")
-    (pdir / "dup.yaml").write_text("prices:\n  models: {}\n")
+    (pdir / "dup.yaml").write_text("gateway:\n  max_request_bytes: 5\n")
     ps = problems(pdir)
     assert any("broken.yaml:" in p and "YAML syntax error" in p for p in ps)
-    assert any("prices: section already defined in" in p and "dup.yaml" in p and "prices.yaml" in p for p in ps), ps
+    assert any("gateway.max_request_bytes: already set at" in p and "dup.yaml" in p and "gateway.yaml" in p
+               for p in ps), ps
+
+
+def test_sections_split_across_files_merge_and_keep_lines(pdir):
+    (pdir / "zz-more-prices.yaml").write_text("prices:\n  models:\n    my-model: {input: 1, output: 2}\n")
+    (pdir / "zz-keys.yaml").write_text(
+        "identity:\n  api_keys:\n    keys:\n      - name: extra\n        key_sha256: nothex\n")
+    ps = problems(pdir)
+    # The second file's key is item [1] of the joined list, reported at its own file and line.
+    assert len(ps) == 1 and "zz-keys.yaml:5: identity.api_keys.keys[1].key_sha256: key_sha256 must be" in ps[0], ps
+    (pdir / "zz-keys.yaml").unlink()
+    c = load_config(pdir)
+    assert c.prices.lookup("my-model") is not None and c.prices.lookup("gpt-4o") is not None
 
 
 def test_env_references_expand(pdir, monkeypatch):

@@ -54,7 +54,7 @@ def status_headers(st: BudgetStatus) -> dict[str, str]:
     return h
 
 
-def blocked(adm: Admission, model: str) -> GatewayError:
+def blocked(adm: Admission, model: str, needed_nusd: int | None = None) -> GatewayError:
     st = adm.blocking
     if st is None:  # defensive: the engine always names the budget
         return GatewayError(429, f"A budget refused this request for `{model}`.", type="budget_exceeded",
@@ -66,8 +66,9 @@ def blocked(adm: Admission, model: str) -> GatewayError:
         when = f" Enough spend ages out in {retry} s."
     reserved = f" (plus ${usd(st.reserved_nusd)} held by requests in flight)" if st.reserved_nusd else ""
     tried = " No fallback model fits either." if adm.reason and "fallback" in adm.reason else ""
+    needs = f"; this request could cost up to ${usd(needed_nusd)}" if needed_nusd else ""
     message = (f"Budget '{st.name}'{f' for {who}' if who else ''} cannot afford this request for `{model}`: "
-               f"spent ${usd(st.spent_nusd)} of ${usd(st.limit_nusd)} ({st.window}){reserved}.{tried}{when}")
+               f"spent ${usd(st.spent_nusd)} of ${usd(st.limit_nusd)} ({st.window}){reserved}{needs}.{tried}{when}")
     headers = status_headers(st)
     if retry:
         headers["retry-after"] = str(retry)
