@@ -158,7 +158,7 @@ def load_config(directory: str | os.PathLike[str]) -> Config:
     if not root.is_dir():
         raise PolicyError([f"{root}: policy directory not found"])
     merged: dict[str, Any] = {}
-    smap = SourceMap()
+    smap = SourceMap(place=str(root))
     problems: list[str] = []
     files = sorted(p for p in root.rglob("*.yaml") if p.is_file())
     if not files:

@@ -29,8 +29,9 @@ class PolicyError(Exception):
 class SourceMap:
     """Where each value of the merged policy document was written."""
 
-    def __init__(self) -> None:
+    def __init__(self, place: str = "") -> None:
         self._where: dict[Loc, tuple[str, int]] = {}
+        self.place = place  # named when a problem has no line (e.g. a section missing everywhere)
 
     def record(self, loc: Loc, file: str, line: int) -> None:
         self._where[loc] = (file, line)
@@ -59,7 +60,7 @@ class SourceMap:
     def describe(self, loc: Loc, msg: str) -> str:
         where = self.lookup(loc)
         dotted = _dotted(loc)
-        prefix = f"{where[0]}:{where[1]}: " if where else ""
+        prefix = f"{where[0]}:{where[1]}: " if where else (f"{self.place}: " if self.place else "")
         return f"{prefix}{dotted}: {msg}" if dotted else f"{prefix}{msg}"
 
     def errors(self, exc: ValidationError, base: Loc = ()) -> list[str]:
@@ -100,7 +101,8 @@ def load_yaml(path: Path, display: str) -> tuple[Any, SourceMap]:
 
 
 def _build(node: yaml.Node, loc: Loc, file: str, smap: SourceMap, ctor: yaml.SafeLoader) -> Any:
-    smap.record(loc, file, node.start_mark.line + 1)
+    if loc:  # the document root belongs to no single file once files are merged
+        smap.record(loc, file, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for knode, vnode in node.value:

@@ -253,9 +253,8 @@ class Processor:
         adm = self.admission
         if adm is not None:
             add["x-tollgate-decision"] = adm.decision
-            if adm.tightest is not None:
-                add["x-tollgate-budget-remaining-usd"] = budget_replies.usd(adm.tightest.remaining_nusd)
-                add["x-tollgate-budget-name"] = adm.tightest.name
+            if adm.tightest is not None:  # the enforce budget with the least left, after this reservation
+                add.update(budget_replies.status_headers(adm.tightest))
             if adm.decision == "clamped" or (adm.decision == "downgraded" and self.req
                                              and adm.max_output_tokens < (self.req.output_cap or 1 << 60)):
                 add["x-tollgate-max-tokens-clamped"] = str(adm.max_output_tokens)
@@ -358,6 +357,7 @@ class Processor:
             "app": i.app if i else None,
             "service_token": i.service_token if i else None,
             "auth_source": i.source if i else None,
+            "metadata": self.metadata,
             "api": self.api.name if self.api else None,
             "provider": self.provider,
             "model_requested": self.req.model if self.req else None,

@@ -49,8 +49,9 @@ Test hooks (request headers)
   the connection without finishing the chunked body: no final usage / stop events, and the
   client sees an incomplete body.
 * Every response echoes ``x-fake-authorization`` (the ``authorization`` header received, or ""),
-  ``x-fake-api-key`` (the ``x-api-key`` header received, or "") and ``x-fake-model`` (the
-  requested model, or "").
+  ``x-fake-api-key`` (the ``x-api-key`` header received, or ""), ``x-fake-model`` (the
+  requested model, or "") and ``x-fake-header-names`` (the names of all request headers
+  received, lower-case, sorted, comma-separated), so tests can prove what reached the provider.
 
 Bad JSON or a missing ``model`` is a 400 in the provider's error shape.
 """
@@ -232,6 +233,7 @@ def _echo_headers(request: web.Request, model: str) -> dict[str, str]:
         "x-fake-authorization": h.get("authorization", ""),
         "x-fake-api-key": h.get("x-api-key", ""),
         "x-fake-model": model,
+        "x-fake-header-names": ",".join(sorted({k.lower() for k in h.keys()})),
     }
 
 
