@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 # Headers a client may not set: only the gateway speaks `x-tollgate-*`.
-_OWN_PREFIX = "x-tollgate-"
+_STRIPPED_PREFIXES = ("x-tollgate-", "cf-access-")
 UPSTREAM_HEADER = "x-tollgate-upstream"
 METADATA_HEADER = "x-tollgate-metadata"  # custom attributes, from trusted identities only
 # Attributes a metadata header can never set: they come from verified identity or the request.
@@ -103,9 +103,10 @@ class Processor:
         except GatewayError as e:
             return self._refuse(e)
         # Nothing the client said about identity or routing goes further: credentials that
-        # identified it and every x-tollgate-* header are removed before the request leaves.
+        # identified it, every x-tollgate-* header, Cloudflare Access's identity headers and
+        # cookies (Access's CF_Authorization cookie carries the JWT) are removed.
         creds = self.gw.auth.credential_headers()
-        remove = [k for k in headers if k.startswith(_OWN_PREFIX) or k in creds]
+        remove = [k for k in headers if k.startswith(_STRIPPED_PREFIXES) or k in creds or k == "cookie"]
         return msg.request_headers(msg.common(remove=remove) if remove else None)
 
     # ---- request body ----------------------------------------------------------------
@@ -369,6 +370,7 @@ class Processor:
             "shadow_blocked": self.shadow_blocked,
             "reserved_usd": self.admission.reserved_nusd / NANO_PER_USD if self.admission else 0.0,
             "settlement": self.settlement,
+            "budget_store_error": bool(self.admission and self.admission.store_error),
             "error_code": self.error_code,
             "stream": self.streamed,
             "complete": complete,
