@@ -413,10 +413,12 @@ class Processor:
 
     def _models_reply(self) -> ProcessingResponse:
         created = int(self.gw.clock())
+        rules, attrs = self.config.doc.access, self._attrs()
         data = [{"id": m, "object": "model", "created": created, "owned_by": "tollgate"}
-                for m in self.config.prices.names()]
+                for m in self.config.prices.names() if not rules or access.allowed(rules, attrs, m)]
         self.finished = True
-        return msg.immediate(200, orjson.dumps({"object": "list", "data": data}), details="tollgate_models")
+        return msg.immediate(200, orjson.dumps({"object": "list", "data": data}), details="tollgate_models",
+                             meta=msg.metadata(self._request_meta()))
 
 
 def _headers(h: HttpHeaders) -> dict[str, str]:
