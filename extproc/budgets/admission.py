@@ -68,7 +68,8 @@ class Admission:
         return self.decision in ("allowed", "clamped", "downgraded")
 
 
-SettleOutcome = Literal["settled", "duplicate", "nothing", "store_error"]
-"""settled = charged now; duplicate = this request_id was already settled; nothing = no counters; store_error = Redis failed (logged)."""
+SettleOutcome = Literal["settled", "recorded", "duplicate", "nothing", "store_error"]
+"""settled = charged now; recorded = no counters, attribution written; duplicate = this request_id was
+already settled; nothing = no counters; store_error = Redis failed (logged)."""
 
 ReleaseOutcome = Literal["released", "nothing", "store_error"]

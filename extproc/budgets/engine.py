@@ -38,7 +38,7 @@ from .admission import Admission, BudgetStatus, Decision, ReleaseOutcome, Settle
 from .match import Attrs, budget_matches, limit_nusd, per_key, per_values
 from .money import nusd_to_usd
 from .policy import Budget
-from .store import BudgetStore, CounterRef, CounterState, ReserveResult, StoreError
+from .store import BudgetStore, CounterRef, CounterState, ReserveResult, StoreError, UsageWrite
 from .windows import KEY_GRACE_SECONDS, Calendar, Period, Window, window_for
 
 log = logging.getLogger(__name__)
@@ -364,13 +364,23 @@ class BudgetEngine:
         """Replace the reservation by the real cost on every counter it touched; idempotent per request_id; never raises."""
         if not admission.counters:
             return "nothing"
+        return await self.account(admission.request_id, admission.counters, actual_nusd)
+
+    async def account(self, request_id: str, counters: tuple[CounterRef, ...], actual_nusd: int, *,
+                      usage: UsageWrite | None = None) -> SettleOutcome:
+        """Settle `counters` (possibly none) and, with `usage`, write the attribution rollups and
+        record in the same atomic call. Idempotent per request_id; never raises."""
+        if not counters and usage is None:
+            return "nothing"
         try:
             charged = await self._store.settle(
-                list(admission.counters), request_id=admission.request_id, actual=max(0, int(actual_nusd)), now=self._clock()
+                list(counters), request_id=request_id, actual=max(0, int(actual_nusd)), now=self._clock(), usage=usage
             )
         except StoreError as e:
-            log.error("budget settle of %s (%d nUSD) lost: %s", admission.request_id, actual_nusd, e)
+            log.error("settle of %s (%d nUSD) lost: %s", request_id, actual_nusd, e)
             return "store_error"
+        if not counters:
+            return "recorded" if charged else "duplicate"
         return "settled" if charged else "duplicate"
 
     async def release(self, admission: Admission) -> ReleaseOutcome:

@@ -29,6 +29,18 @@ SETTLED_MARKER_TTL = 7 * 86400
 """How long a settled request_id is remembered; a settle retried later than this would charge again."""
 
 
+@dataclass(frozen=True)
+class UsageWrite:
+    """What a settle also writes for attribution: day rollup increments and the record itself."""
+
+    usage_key: str
+    stream_key: str
+    ttl: int
+    stream_maxlen: int
+    record_json: bytes
+    increments: tuple[tuple[str, int], ...]
+
+
 class StoreError(Exception):
     """Redis could not be reached or answered with an error; the engine maps this to fail_open/fail_closed."""
 
@@ -129,7 +141,8 @@ class BudgetStore:
         """Reserve `cost` on every counter if no enforce counter would exceed its limit; else reserve nothing."""
         args: list[Any] = [_num(now), request_id, _num(now + lease_seconds), int(cost), len(counters)]
         for c, limit, enf in zip(counters, limits, enforce, strict=True):
-            args += [int(limit), 1 if enf else 0, c.ttl(now, self.grace), c.bucket_index(now), c.n_buckets]
+            until = "" if c.period_end is None else f"{c.period_end:.0f}"
+            args += [int(limit), 1 if enf else 0, c.ttl(now, self.grace), c.bucket_index(now), c.n_buckets, until]
         ok, rows = await self._run("reserve", _keys(counters), args)
         states = [
             CounterState(int(spent), int(reserved), bool(int(over)), tuple(int(b) for b in buckets))
@@ -137,13 +150,25 @@ class BudgetStore:
         ]
         return ReserveResult(bool(int(ok)), states)
 
-    async def settle(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float) -> bool:
-        """Charge `actual` once per request_id and drop its leases; False if it was already settled."""
+    async def settle(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float,
+                     usage: "UsageWrite | None" = None) -> bool:
+        """Charge `actual` once per request_id and drop its leases; False if it was already settled.
+
+        With `usage`, the same atomic call rolls the request into the day's usage totals and
+        appends its attribution record to the stream (see extproc/usage.py).
+        """
         args: list[Any] = [_num(now), request_id, int(actual), SETTLED_MARKER_TTL, len(counters)]
         for c in counters:
             args += [c.ttl(now, self.grace), c.bucket_index(now), c.n_buckets]
-        marker = f"{self.prefix}settled:{request_id}"
-        return bool(int(await self._run("settle", [marker, *_keys(counters)], args)))
+        keys = [f"{self.prefix}settled:{request_id}", *_keys(counters)]
+        if usage is None:
+            args.append(0)
+        else:
+            keys += [usage.usage_key, usage.stream_key]
+            args += [1, usage.ttl, usage.stream_maxlen, usage.record_json, len(usage.increments)]
+            for field, inc in usage.increments:
+                args += [field, int(inc)]
+        return bool(int(await self._run("settle", keys, args)))
 
     async def release(self, counters: list[CounterRef], *, request_id: str, now: float) -> int:
         """Drop request_id's leases; returns how many were still live."""

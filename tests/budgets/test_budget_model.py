@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import pytest
 import redis.asyncio as aredis
@@ -73,12 +74,15 @@ async def test_redis_layout(make_engine: Callable[..., BudgetEngine], clock: Fak
     a = await admit(e, "req-1", user="al:ice", max_output_tokens=1000, lease_seconds=60)
     cal, roll = f"{prefix}b:monthly:2026-11:user=al%3Aice", f"{prefix}b:roll:r86400s3600:_"
     assert [c.key for c in a.counters] == [cal, roll]
-    assert await rds.hgetall(cal) == {b"reserved": b"10000000", b"r:req-1": b"10000000"}
+    dec_1 = str(int(datetime(2026, 12, 1, tzinfo=timezone.utc).timestamp()))
+    assert await rds.hgetall(cal) == {b"reserved": b"10000000", b"r:req-1": b"10000000",
+                                      b"limit": b"5000000000", b"until": dec_1.encode()}
     assert await rds.zrange(f"{cal}:leases", 0, -1, withscores=True) == [(b"req-1", clock() + 60)]
     await e.settle(a, 7)
-    assert await rds.hgetall(cal) == {b"reserved": b"0", b"spent": b"7"}
+    assert await rds.hgetall(cal) == {b"reserved": b"0", b"spent": b"7", b"limit": b"5000000000", b"until": dec_1.encode()}
     bucket = int(clock() // 3600)
-    assert await rds.hgetall(roll) == {b"reserved": b"0", b"lo": str(bucket - 23).encode(), f"b:{bucket}".encode(): b"7"}
+    assert await rds.hgetall(roll) == {b"reserved": b"0", b"lo": str(bucket - 23).encode(), f"b:{bucket}".encode(): b"7",
+                                       b"limit": b"5000000000", b"until": b""}
     assert await rds.get(f"{prefix}settled:req-1") == b"7"
     assert 0 < await rds.ttl(f"{prefix}settled:req-1") <= 7 * 86400
     assert 86400 < await rds.ttl(roll) <= 3 * 86400

@@ -1,0 +1,147 @@
+"""Usage rollups: per-day totals by identity and model, written when a request settles.
+
+Every forwarded request adds its tokens and cost to one field group of the day's hash
+(`{prefix}usage:{YYYY-MM-DD}`, UTC), keyed by the tuple (user, team, app, groups, model served,
+provider, service token). The increments ride in the same Lua call that settles the request's
+budget counters (extproc/budgets/lua/settle.lua), which also appends the attribution record to a
+bounded Redis Stream. Reports group those tuples by any combination of dimensions without ever
+scanning raw records: a day holds one field group per distinct tuple, not per request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import redis.asyncio as aredis
+
+from .budgets.store import UsageWrite
+
+DIMENSIONS = ("user", "team", "app", "group", "model", "provider", "service_token")
+METRICS = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "cost_nusd")
+# The tuple stored per request; `group` is reported from the `groups` list (one row per group).
+_TUPLE = ("user", "team", "app", "groups", "model", "provider", "service_token")
+STREAM = "attribution"
+RETENTION_DAYS = 400
+
+
+def usage_key(prefix: str, day: date) -> str:
+    return f"{prefix}usage:{day.isoformat()}"
+
+
+def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", stream_maxlen: int = 1_000_000,
+                rollup: bool = True) -> UsageWrite:
+    """The attribution writes for one record: its day rollup (when it was forwarded) and the record."""
+    day = datetime.fromisoformat(record["ts"]).astimezone(timezone.utc).date()
+    increments: tuple[tuple[str, int], ...] = ()
+    if rollup:
+        tup = orjson.dumps([
+            record.get("user") or "", record.get("team") or "", record.get("app") or "",
+            sorted(record.get("groups") or []), record.get("model_served") or "", record.get("provider") or "",
+            record.get("service_token") or "",
+        ]).decode()
+        increments = (
+            (f"requests|{tup}", 1),
+            (f"input_tokens|{tup}", int(record.get("input_tokens") or 0)),
+            (f"output_tokens|{tup}", int(record.get("output_tokens") or 0)),
+            (f"cached_input_tokens|{tup}", int(record.get("cached_input_tokens") or 0)),
+            (f"cache_write_tokens|{tup}", int(record.get("cache_write_tokens") or 0)),
+            (f"cost_nusd|{tup}", int(record.get("cost_nusd") or 0)),
+        )
+    return UsageWrite(
+        usage_key=usage_key(prefix, day),
+        stream_key=f"{prefix}{STREAM}",
+        ttl=RETENTION_DAYS * 86400,
+        stream_maxlen=stream_maxlen,
+        record_json=orjson.dumps(record),
+        increments=increments,
+    )
+
+
+@dataclass
+class UsageRow:
+    key: dict[str, str]
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_nusd: int = 0
+
+    def add(self, metrics: Mapping[str, int]) -> None:
+        for m in METRICS:
+            setattr(self, m, getattr(self, m) + metrics.get(m, 0))
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_nusd / 1e9
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.key, **{m: getattr(self, m) for m in METRICS}, "cost_usd": self.cost_usd}
+
+
+@dataclass
+class UsageReport:
+    group_by: list[str]
+    start: date
+    end: date
+    rows: list[UsageRow] = field(default_factory=list)
+    totals: UsageRow = field(default_factory=lambda: UsageRow(key={}))
+
+
+def _days(start: date, end: date) -> Iterable[date]:
+    d = start
+    while d <= end:
+        yield d
+        d += timedelta(days=1)
+
+
+def _tuples(raw: Mapping[bytes, bytes]) -> dict[str, dict[str, int]]:
+    """The day hash, regrouped: tuple json -> metric -> value."""
+    out: dict[str, dict[str, int]] = {}
+    for f, v in raw.items():
+        metric, _, tup = f.decode().partition("|")
+        out.setdefault(tup, {})[metric] = int(v)
+    return out
+
+
+async def query_usage(redis: aredis.Redis, *, group_by: list[str], start: date, end: date,
+                      where: Mapping[str, str] | None = None, prefix: str = "tollgate:") -> UsageReport:
+    """Spend and tokens from `start` to `end` (inclusive, UTC days) grouped by `group_by`.
+
+    `where` filters by equality on any dimension (`group` matches when the groups contain it).
+    Grouping by `group` gives a row per group a request's caller was in, so those rows can add up
+    to more than the totals, which count each request once.
+    """
+    unknown = [d for d in [*group_by, *(where or {})] if d not in DIMENSIONS]
+    if unknown:
+        raise ValueError(f"unknown dimension(s) {unknown}; use {', '.join(DIMENSIONS)}")
+    if end < start:
+        raise ValueError("the end date is before the start date")
+    report = UsageReport(group_by=list(group_by), start=start, end=end)
+    rows: dict[tuple[str, ...], UsageRow] = {}
+    async with redis.pipeline(transaction=False) as pipe:
+        days = list(_days(start, end))
+        for d in days:
+            pipe.hgetall(usage_key(prefix, d))
+        results = await pipe.execute()
+    for raw in results:
+        for tup, metrics in _tuples(raw).items():
+            values = dict(zip(_TUPLE, orjson.loads(tup)))
+            groups = values.pop("groups") or []
+            if where and not all(
+                (v in groups) if k == "group" else values.get(k) == v for k, v in where.items()
+            ):
+                continue
+            report.totals.add(metrics)
+            for g in (groups or [""]) if "group" in group_by else [None]:
+                key = tuple(g if d == "group" else values[d] for d in group_by)
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = UsageRow(key=dict(zip(group_by, key)))
+                row.add(metrics)
+    report.rows = sorted(rows.values(), key=lambda r: (-r.cost_nusd, tuple(r.key.values())))
+    return report
