@@ -1,0 +1,241 @@
+"""Prometheus metrics for the ext_proc: a library, wired in by the server.
+
+One `Metrics` instance owns its own `CollectorRegistry` (never the process-global one), so
+tests and several instances in one process do not collide.
+
+    m = Metrics()                       # Metrics(per_user=True) adds `user` to the spend counter
+    m.observe(record)                   # once per request, from the attribution record
+    m.phase_latency("request_headers", 0.0004)
+    m.redis_error("reserve")
+    m.set_budget_utilisation("team-daily", 0.42)
+    m.render()                          # bytes, Prometheus text exposition format
+    srv = await m.serve("127.0.0.1", 9464)   # aiohttp on the running loop, GET /metrics
+    await srv.stop()
+
+Cardinality: no per-user label unless `per_user=True` (spend counter only); the budget gauge is
+meant for shared budgets (keyed by budget name, not by identity). `observe` is on the hot path:
+label children are cached in plain dicts keyed by the label tuple, so a repeated combination
+costs a dict lookup plus a locked add per series.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+NANO_PER_USD = 1_000_000_000
+
+# Whole requests to an LLM: a few ms (refusals, cache hits) to minutes (long streams).
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# One ext_proc phase: sub-millisecond header work up to ~100 ms (Redis round trips, JWKS, big bodies).
+PHASE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+TOKEN_KINDS = (("input", "input_tokens"), ("cached_input", "cached_input_tokens"),
+               ("cache_write", "cache_write_tokens"), ("output", "output_tokens"))
+
+UNKNOWN = "unknown"
+NO_TEAM = "none"
+
+
+def _label(v: Any, default: str = UNKNOWN) -> str:
+    if v is None or v == "":
+        return default
+    return v if isinstance(v, str) else str(v)
+
+
+def _status_class(status: Any) -> str:
+    """200 -> "2xx", 429 -> "4xx", ...; 0/None/garbage (no response at all) -> "none"."""
+    try:
+        s = int(status)
+    except (TypeError, ValueError):
+        return "none"
+    if 100 <= s <= 599:
+        return f"{s // 100}xx"
+    return "none"
+
+
+def _num(v: Any) -> float:
+    if v is None or isinstance(v, bool):
+        return 0
+    try:
+        return v if isinstance(v, (int, float)) else float(v)
+    except (TypeError, ValueError):
+        return 0
+
+
+class Metrics:
+    """All of Tollgate's ext_proc metrics, in a registry of their own."""
+
+    def __init__(self, per_user: bool = False, created_series: bool = False) -> None:
+        self.per_user = per_user
+        self.registry = CollectorRegistry(auto_describe=True)
+        # prometheus_client adds a `<name>_created` timestamp series per counter/histogram child;
+        # the text format does not need it and it doubles the series count, so render() drops it
+        # unless asked (without touching prometheus_client's process-global switch).
+        self._exposed = self.registry if created_series else _WithoutCreated(self.registry)
+        r = self.registry
+        self._requests = Counter("tollgate_requests", "Requests by decision, API, provider and status class.",
+                                 ("decision", "api", "provider", "status_class"), registry=r)
+        spend_labels = ("team", "model", "provider") + (("user",) if per_user else ())
+        self._spend = Counter("tollgate_spend_usd", "Settled spend in USD, by team, served model and provider.",
+                              spend_labels, registry=r)
+        self._tokens = Counter("tollgate_tokens", "Tokens by kind (input, cached_input, cache_write, output), "
+                               "served model and provider.", ("kind", "model", "provider"), registry=r)
+        self._duration = Histogram("tollgate_request_duration_seconds", "Whole-request latency seen by the ext_proc.",
+                                   buckets=REQUEST_BUCKETS, registry=r)
+        self._incomplete = Counter("tollgate_incomplete_responses", "Responses cut short (usage not fully known).",
+                                   ("provider",), registry=r)
+        self._store_errors = Counter("tollgate_budget_store_errors",
+                                     "Requests whose budget admission hit a budget store error.", registry=r)
+        self._phase = Histogram("tollgate_extproc_phase_seconds", "Time spent handling one ext_proc phase.",
+                                ("phase",), buckets=PHASE_BUCKETS, registry=r)
+        self._redis_errors = Counter("tollgate_redis_errors", "Redis errors by operation.", ("op",), registry=r)
+        self._utilisation = Gauge("tollgate_budget_utilisation_ratio",
+                                  "Spent (plus reserved) over limit for shared budgets.", ("budget",), registry=r)
+
+        # label tuple -> child; plain dicts, filled lazily (a miss costs one .labels() call)
+        self._c_requests: dict[tuple[str, ...], Any] = {}
+        self._c_spend: dict[tuple[str, ...], Any] = {}
+        self._c_tokens: dict[tuple[str, ...], Any] = {}
+        self._c_incomplete: dict[str, Any] = {}
+        self._c_phase: dict[str, Any] = {}
+        self._c_redis: dict[str, Any] = {}
+        self._c_util: dict[str, Any] = {}
+
+    # ---- hot path -------------------------------------------------------------------
+    def observe(self, record: Mapping[str, Any]) -> None:
+        """Account one attribution record (as built by `Processor._record`)."""
+        get = record.get
+        provider = _label(get("provider"))
+
+        key = (_label(get("decision")), _label(get("api")), provider, _status_class(get("status")))
+        child = self._c_requests.get(key)
+        if child is None:
+            child = self._c_requests[key] = self._requests.labels(*key)
+        child.inc()
+
+        model = _label(get("model_served"))
+
+        cost = _num(get("cost_nusd"))
+        if cost > 0:
+            skey: tuple[str, ...] = (_label(get("team"), NO_TEAM), model, provider)
+            if self.per_user:
+                skey += (_label(get("user"), NO_TEAM),)
+            child = self._c_spend.get(skey)
+            if child is None:
+                child = self._c_spend[skey] = self._spend.labels(*skey)
+            child.inc(cost / NANO_PER_USD)
+
+        for kind, field in TOKEN_KINDS:
+            n = _num(get(field))
+            if n > 0:
+                tkey = (kind, model, provider)
+                child = self._c_tokens.get(tkey)
+                if child is None:
+                    child = self._c_tokens[tkey] = self._tokens.labels(*tkey)
+                child.inc(n)
+
+        latency_ms = get("latency_ms")
+        if latency_ms is not None:
+            self._duration.observe(_num(latency_ms) / 1000.0)
+
+        if get("complete") is False:
+            child = self._c_incomplete.get(provider)
+            if child is None:
+                child = self._c_incomplete[provider] = self._incomplete.labels(provider)
+            child.inc()
+
+        if get("budget_store_error"):
+            self._store_errors.inc()
+
+    def phase_latency(self, phase: str, seconds: float) -> None:
+        child = self._c_phase.get(phase)
+        if child is None:
+            child = self._c_phase[phase] = self._phase.labels(_label(phase))
+        child.observe(seconds)
+
+    def redis_error(self, op: str) -> None:
+        child = self._c_redis.get(op)
+        if child is None:
+            child = self._c_redis[op] = self._redis_errors.labels(_label(op))
+        child.inc()
+
+    def set_budget_utilisation(self, budget: str, ratio: float) -> None:
+        """Shared budgets only (keyed by budget name, never by user)."""
+        child = self._c_util.get(budget)
+        if child is None:
+            child = self._c_util[budget] = self._utilisation.labels(_label(budget))
+        child.set(ratio)
+
+    # ---- exposition -----------------------------------------------------------------
+    def render(self) -> bytes:
+        """The registry in Prometheus text exposition format."""
+        return generate_latest(self._exposed)
+
+    content_type = CONTENT_TYPE_LATEST  # for callers serving render() themselves
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 9464) -> "MetricsServer":
+        """Start an aiohttp server for GET /metrics on the running event loop (uvloop is fine).
+
+        Returns once listening; `port=0` picks a free port (see `MetricsServer.port`).
+        Stop it with `await server.stop()`.
+        """
+        srv = MetricsServer(self, host, port)
+        await srv.start()
+        return srv
+
+
+class _WithoutCreated:
+    """A collector view of a registry minus the `_created` samples."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        for fam in self._registry.collect():
+            if any(s.name.endswith("_created") for s in fam.samples):
+                fam = copy.copy(fam)
+                fam.samples = [s for s in fam.samples if not s.name.endswith("_created")]
+            yield fam
+
+
+class MetricsServer:
+    """A started /metrics endpoint; `await stop()` closes it."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self._runner: Any = None
+
+    async def start(self) -> None:
+        from aiohttp import web  # off the hot path; only processes that serve metrics import it
+
+        async def handle(_request: web.Request) -> web.Response:
+            return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app = web.Application()
+        app.router.add_get("/metrics", handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if self.port == 0 and runner.addresses:
+            self.port = runner.addresses[0][1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
