@@ -4,10 +4,16 @@ Envoy sends request headers, the buffered request body, response headers, then t
 (buffered for JSON, streamed chunk by chunk for SSE). The processor decides in the request-body
 phase (parse, price, route) and accounts in the response phases. It never raises into the server
 loop for a client's mistake: refusals are `GatewayError`s answered as ImmediateResponses.
+
+Every forwarded request is settled exactly once (`finish`): at the end of the response, when the
+live cap stops a stream (`end: budget_cap`), or in `close` when the client or the upstream went
+away first (`end: interrupted`, `complete: false`: input plus the output deltas seen, counted
+conservatively, never $0 and never the whole reservation).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -15,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import orjson
-from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
+from envoy.service.ext_proc.v3.external_processor_pb2 import BodyMutation, CommonResponse, HttpBody, HttpHeaders, ProcessingResponse
 
 from . import access
 from . import messages as msg
@@ -69,6 +75,9 @@ class Processor:
         self.decision_reason: str | None = None
         self.settlement: str | None = None
         self.envoy_request_id = ""
+        self.end = "completed"
+        self.capping = False  # the live cap tripped; the stream ends at the next event boundary
+        self.stream_cut = False  # the live cap ended the client's stream; later chunks are dropped
 
     # ---- request headers -------------------------------------------------------------
     async def request_headers(self, h: HttpHeaders) -> ProcessingResponse:
@@ -268,15 +277,7 @@ class Processor:
     # ---- response body ---------------------------------------------------------------
     async def response_body(self, b: HttpBody) -> ProcessingResponse:
         if self.streamed:
-            assert self.sse is not None and self.stream_state is not None and self.api is not None
-            for event, data in self.sse.feed(b.body):
-                self.api.on_event(self.stream_state, event, data)
-            if not b.end_of_stream:
-                return msg.response_body()
-            for event, data in self.sse.flush():
-                self.api.on_event(self.stream_state, event, data)
-            record = await self.finish()
-            return msg.response_body(meta=_meta(record))
+            return await self._stream_chunk(b)
         self.body_chunks.append(b.body)
         if not b.end_of_stream:
             return msg.response_body()
@@ -286,18 +287,106 @@ class Processor:
             add["x-tollgate-cost-usd"] = f"{record['cost_usd']:.9f}".rstrip("0").rstrip(".") or "0"
         return msg.response_body(msg.common(add) if add else None, _meta(record))
 
+    async def _stream_chunk(self, b: HttpBody) -> ProcessingResponse:
+        """One chunk of an SSE response (STREAMED mode): parse it, account, enforce the live cap."""
+        assert self.sse is not None and self.stream_state is not None and self.api is not None
+        if self.stream_cut:
+            # The live cap already ended the stream for the client. The last message ends it
+            # cleanly (an empty body); any other chunk means the provider is still generating
+            # tokens it will bill: an ImmediateResponse makes Envoy reset both the client stream
+            # (already given its error event) and the upstream request, which stops them.
+            # (Measured: empty bodies instead keep the client waiting, with nothing more to read,
+            # until the provider finishes on its own; the client then sees a clean end.)
+            if b.end_of_stream:
+                return msg.response_body(CommonResponse(body_mutation=BodyMutation(clear_body=True)))
+            return msg.immediate(200, b"", details="tollgate_budget_cap")
+        st = self.stream_state
+        for event, data in self.sse.feed(b.body):
+            self.api.on_event(st, event, data)
+        if b.end_of_stream:
+            for event, data in self.sse.flush():
+                self.api.on_event(st, event, data)
+            if not self.capping or st.done:
+                record = await self.finish()
+                return msg.response_body(meta=_meta(record))
+        elif not self.capping:
+            if st.done or self.live_cap_nusd is None or self._running_cost() <= self.live_cap_nusd:
+                return msg.response_body()
+            self.capping = True
+        # Over the reservation: end the client's stream at the first event boundary with an error
+        # event in the provider's shape, then settle for what was forwarded.
+        cut = len(b.body) if (b.end_of_stream or not self.sse.mid_event) else _last_boundary(b.body)
+        if cut < 0:  # no event ends in this chunk: forward it, cut at the next boundary
+            return msg.response_body()
+        self.stream_cut = True
+        record = await self.finish(end="budget_cap")
+        body = b.body[:cut] + self.api.stream_error_event(self._cap_error())
+        return msg.response_body(msg.common(body=body), _meta(record))
+
+    @property
+    def live_cap_nusd(self) -> int | None:
+        """What a stream may cost before the live cap stops it: the request's reservation, when an
+        enforced budget holds one (shadow-only or no budgets: no cap)."""
+        adm = self.admission
+        if adm is None or not adm.counters or adm.tightest is None or adm.store_error:
+            return None
+        return adm.reserved_nusd
+
+    def _running_cost(self) -> int:
+        """Cost so far, as a floor: the input (the provider's count once it has said, else the same
+        upper bound the reservation used) plus one token per output delta. A provider that honours
+        the output cap can never push this over the reservation, so an honest stream is never cut."""
+        assert self.price is not None and self.req is not None and self.stream_state is not None
+        st = self.stream_state
+        if st.usage is not None and st.usage.total_input_tokens:
+            u = st.usage
+            return self.price.cost_nusd(Usage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
+                                              max(u.output_tokens, st.output_deltas)))
+        return self.price.worst_case_nusd(self.req.input_tokens_upper, st.output_deltas)
+
+    def _cap_error(self) -> dict[str, Any]:
+        adm = self.admission
+        assert adm is not None
+        name = adm.tightest.name if adm.tightest is not None else "budget"
+        message = (f"Tollgate stopped this response: it used up the ${adm.reserved_nusd / NANO_PER_USD:.6f} "
+                   f"reserved for it against budget {name!r} (the provider produced more output than the "
+                   "request's output cap allows). The output so far is charged.")
+        return {"message": message, "type": "budget_exceeded", "code": "budget_exceeded"}
+
     # ---- end of the request ----------------------------------------------------------
     async def close(self) -> None:
-        """The gRPC stream ended. If the response never completed, account for it now."""
-        if not self.finished and self.forwarded:
-            await self.finish(incomplete=True)
+        """The gRPC stream ended. If the response never completed, account for it now.
 
-    async def finish(self, incomplete: bool = False) -> dict[str, Any]:
-        """Work out the real usage and cost, settle, and write the attribution record (once)."""
+        Measured with Envoy 1.40 (STREAMED response body): when the client disconnects mid-stream,
+        and when the upstream resets mid-stream, Envoy sends the ext_proc nothing more (no final
+        body message, no trailers) and just ends the gRPC stream, with a half-close or a reset
+        (grpc.aio then ends the request iterator, or closes the handler with GeneratorExit /
+        CancelledError). Which of the two it is races with the cause (a client cancel through the
+        anthropic SDK came as a reset; 1 upstream cut in 16 as a half-close), so the processor
+        cannot tell who went away: the record says `end: "interrupted"`, and Envoy's access log
+        (flags DC vs UPE, details downstream_remote_disconnect vs upstream_reset_...) says which,
+        joined on request_id.
+        """
+        if not self.finished and self.forwarded:
+            await self.finish(end="interrupted")
+
+    async def finish(self, end: str = "completed") -> dict[str, Any]:
+        """Work out the real usage and cost, settle, and write the attribution record (once).
+
+        `end` is how the response ended: "completed" (Envoy saw its end), "interrupted" (the
+        client or the upstream went away first; see `close`) or "budget_cap" (the live cap
+        stopped it). The settle runs shielded from
+        cancellation, so a reset arriving mid-settle cannot lose it; the `finished` flag (and the
+        budget store's per-request marker) make it happen once.
+        """
         if self.finished:
             return {}
         self.finished = True
-        usage, complete = self._usage(incomplete)
+        self.end = end
+        return await asyncio.shield(self._settle_and_record(end))
+
+    async def _settle_and_record(self, end: str) -> dict[str, Any]:
+        usage, complete = self._usage(end)
         cost = self.price.cost_nusd(usage) if (self.price and usage) else 0
         adm, engine = self.admission, self.gw.budgets
         if adm is not None and adm.counters and engine is not None:
@@ -307,24 +396,30 @@ class Processor:
         self.gw.sink(record)
         return record
 
-    def _usage(self, incomplete: bool) -> tuple[Usage | None, bool]:
+    def _usage(self, end: str) -> tuple[Usage | None, bool]:
         if self.api is None or self.req is None:
             return None, True
         if self.streamed and self.stream_state is not None:
             st = self.stream_state
             if st.served_model:
                 self.model_served = st.served_model
-            complete = st.done and st.usage is not None and not incomplete
-            if complete:
+            if st.done and st.usage is not None and end == "completed":
                 return st.usage, True
             if self.status and self.status >= 400:
                 return None, True
-            # Cut short: charge what we know, never less than the input and the deltas seen.
-            usage = st.usage or Usage(input_tokens=self.req.input_tokens_upper)
-            usage.output_tokens = max(usage.output_tokens, st.output_deltas)
+            # Cut short: the provider's input count if it gave one (Anthropic's message_start),
+            # else the request's upper bound; output counted from the deltas, conservatively.
+            if st.usage is not None and st.usage.total_input_tokens:
+                u = st.usage
+                usage = Usage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens)
+            else:
+                usage = Usage(input_tokens=self.req.input_tokens_upper)
+            usage.output_tokens = max(usage.output_tokens, st.output_estimate, st.output_deltas)
             return usage, False
-        if incomplete:
-            if self.status == 0 or self.status >= 400:
+        if end != "completed":
+            # Interrupted before or while a JSON body came: the provider had the prompt, so its
+            # input is charged (the request's upper bound), never $0. An error status costs nothing.
+            if self.status >= 400:
                 return None, False
             return Usage(input_tokens=self.req.input_tokens_upper), False
         try:
@@ -374,6 +469,7 @@ class Processor:
             "error_code": self.error_code,
             "stream": self.streamed,
             "complete": complete,
+            "end": self.end,
             "input_tokens": u.input_tokens,
             "cached_input_tokens": u.cached_input_tokens,
             "cache_write_tokens": u.cache_write_tokens,
@@ -419,6 +515,11 @@ class Processor:
         self.finished = True
         return msg.immediate(200, orjson.dumps({"object": "list", "data": data}), details="tollgate_models",
                              meta=msg.metadata(self._request_meta()))
+
+
+def _last_boundary(raw: bytes) -> int:
+    """Offset just past the last blank line (SSE event end) in `raw`, or -1."""
+    return max((i + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if (i := raw.rfind(sep)) >= 0), default=-1)
 
 
 def _headers(h: HttpHeaders) -> dict[str, str]:

@@ -45,6 +45,9 @@ Test hooks (request headers)
   provider's shape (OpenAI ``{"error": {"message", "type", "param", "code"}}``, Anthropic
   ``{"type": "error", "error": {"type", "message"}}``), no usage. Applies to streams too (the
   error comes before any event).
+* ``x-fake-ignore-max-tokens: 1``: ignore the request's output cap (``max_tokens`` and friends)
+  and answer ``default`` tokens (above), like a provider that overruns or never saw the cap.
+  Usage reports the tokens actually sent.
 * ``x-fake-cut-after: N`` (streams only): send the preamble events and N token events, then close
   the connection without finishing the chunked body: no final usage / stop events, and the
   client sees an incomplete body.
@@ -288,6 +291,9 @@ def _latency_s(request: web.Request) -> float:
     return request.app[_LATENCY_KEY] / 1000.0
 
 
+_CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
 class _Ctx:
     """Everything a handler needs about one parsed request."""
 
@@ -300,8 +306,10 @@ class _Ctx:
         self.body = body
         self.model = body["model"]
         self.input_tokens = count_input_tokens(body, api, body_len)
+        ignore_cap = request.headers.get("x-fake-ignore-max-tokens", "") not in ("", "0")
         self.output_tokens, self.capped = output_token_count(
-            body, api, self.input_tokens, _int_header(request, "x-fake-output-tokens"))
+            {k: v for k, v in body.items() if k not in _CAP_KEYS} if ignore_cap else body,
+            api, self.input_tokens, _int_header(request, "x-fake-output-tokens"))
         self.cache_read, self.cache_write = cache_split(
             self.input_tokens, _int_header(request, "x-fake-cache-read") or 0,
             _int_header(request, "x-fake-cache-write") or 0)

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ..pricing import Usage
-from .base import Api, StreamState, as_int
+from .base import Api, StreamState, as_int, count_delta
 
 
 class Messages(Api):
@@ -15,6 +15,11 @@ class Messages(Api):
     shape = "anthropic"
     wire = "anthropic"
     cap_fields = ("max_tokens",)
+
+    def stream_error_event(self, err: dict[str, Any]) -> bytes:
+        # Anthropic's mid-stream error event; its SDK raises on `event: error`.
+        body = {"type": "error", "error": {"type": err.get("type"), "message": err.get("message")}}
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
 
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
         u = obj.get("usage")
@@ -36,7 +41,11 @@ class Messages(Api):
             return
         kind = obj.get("type") or event
         if kind == "content_block_delta":
-            state.output_deltas += 1
+            d = obj.get("delta")
+            if isinstance(d, dict):  # text_delta, input_json_delta, thinking_delta (signatures are not output)
+                text = d.get("text", d.get("partial_json", d.get("thinking")))
+                if d.get("type") != "signature_delta":
+                    count_delta(state, text)
         elif kind == "message_start":
             msg = obj.get("message")
             if isinstance(msg, dict):

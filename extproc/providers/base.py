@@ -37,10 +37,30 @@ class StreamState:
 
     usage: Usage | None = None
     served_model: str | None = None
-    output_deltas: int = 0  # content deltas seen: a floor for output tokens if the stream dies
+    output_deltas: int = 0  # content deltas seen: every delta holds at least one token (a floor)
+    output_estimate: int = 0  # sum of `delta_tokens` over the deltas: what a cut-short stream is charged
     done: bool = False  # the provider's own end-of-response event arrived
     error: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def delta_tokens(n_bytes: int) -> int:
+    """Output tokens charged for one streamed delta of `n_bytes` UTF-8 bytes: `max(1, n_bytes // 4)`.
+
+    Used only when a stream ends before the provider's usage arrives (client cancel, upstream
+    cut, live cap). Every delta carries at least one token, so this never counts fewer tokens
+    than deltas; for multi-token deltas (Anthropic, Gemini) it is the usual ~4 bytes per token
+    of English. It never undercounts the fake provider (one word per delta, at most 8 bytes for
+    its first 10,000 words), and overcounts single-token OpenAI deltas of 8+ bytes (" function"
+    counts 2): conservative, as a charge for an unfinished response should be.
+    """
+    return max(1, n_bytes // 4)
+
+
+def count_delta(state: StreamState, text: Any) -> None:
+    """Record one content delta (`text` is its text, or anything else: counted as one token)."""
+    state.output_deltas += 1
+    state.output_estimate += delta_tokens(len(text.encode()) if isinstance(text, str) else 0)
 
 
 class Api:
@@ -99,6 +119,12 @@ class Api:
 
     def on_event(self, state: StreamState, event: str, data: bytes) -> None:
         raise NotImplementedError
+
+    def stream_error_event(self, err: dict[str, Any]) -> bytes:
+        """A final SSE event carrying `err` ({"message", "type", "code"}) in this API's shape: what
+        the client receives when the gateway stops a stream (the live budget cap). OpenAI's SDK
+        raises APIError on a `data:` object with an `error` key."""
+        return b"data: " + orjson.dumps({"error": {"param": None, **err}}) + b"\n\ndata: [DONE]\n\n"
 
     def error_message(self, obj: Any) -> str | None:
         """The provider's error message from an error body, if it is one."""

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from ..pricing import Usage
-from .base import Api, StreamState, as_int
+from .base import Api, StreamState, as_int, count_delta
 
 
 class ChatCompletions(Api):
@@ -56,7 +56,7 @@ class ChatCompletions(Api):
         for choice in obj.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls") or delta.get("refusal")):
-                state.output_deltas += 1
+                count_delta(state, _delta_text(delta))
         usage = self.usage_from_json(obj)
         if usage is not None:
             state.usage = usage
@@ -88,7 +88,7 @@ class Responses(Api):
             return
         kind = obj.get("type") or event
         if kind == "response.output_text.delta" or kind.endswith(".delta"):
-            state.output_deltas += 1
+            count_delta(state, obj.get("delta"))
             return
         resp = obj.get("response")
         if isinstance(resp, dict):
@@ -103,6 +103,24 @@ class Responses(Api):
                     state.error = resp["error"]
         if kind == "error":
             state.error = obj
+
+
+    def stream_error_event(self, err: dict[str, Any]) -> bytes:
+        # Responses streams end with typed events and no [DONE]: an `error` event (its own shape:
+        # type/code/message at the top), with the `error` object OpenAI's SDK raises APIError on.
+        body = {"type": "error", "code": err.get("code"), "message": err.get("message"), "param": None,
+                "error": {"param": None, **err}}
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+
+
+def _delta_text(delta: dict[str, Any]) -> str:
+    """The text a chat delta adds: content, refusal, and tool-call names and arguments."""
+    parts = [delta.get("content"), delta.get("refusal")]
+    for call in delta.get("tool_calls") or ():
+        fn = call.get("function") if isinstance(call, dict) else None
+        if isinstance(fn, dict):
+            parts += [fn.get("name"), fn.get("arguments")]
+    return "".join(p for p in parts if isinstance(p, str))
 
 
 class Embeddings(Api):

@@ -39,6 +39,11 @@ class SSEParser:
                 events.append(ev)
         return events
 
+    @property
+    def mid_event(self) -> bool:
+        """True when the bytes fed so far end inside an event (a blank line has not closed it)."""
+        return bool(self._buf.strip(b"\r\n"))
+
     def flush(self) -> list[tuple[str, bytes]]:
         """At end of stream: a last event not followed by a blank line still counts."""
         buf, self._buf = self._buf, b""
