@@ -17,19 +17,27 @@ run: install redis-server
 test: install redis-server
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Tollgate's throughput and latency against plain Envoy (tests/bench.py); needs Debian's wrk.
 bench: install redis-server
-	$(PY) -m tests.bench
+	@if ! command -v wrk >/dev/null 2>&1; then \
+	  echo "wrk not found: installing the Debian package"; \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk; \
+	fi
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 check: install
 	$(PY) -m extproc.cli check $(POLICIES)
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml protos/tollgate/admin/v1/admin.proto
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Tollgate needs Python >= 3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The admin API's gRPC stubs and Envoy descriptor set, compiled from protos/ (not committed).
+	$(PY) -m extproc.admin.build
 	touch $@
 
 # Uses REDIS_URL when set; otherwise installs Debian's redis-server if it is missing.

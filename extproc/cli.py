@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_PORT", "50051")))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.add_argument("--admin-port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_ADMIN_PORT", "50052")),
+                   help="port of the admin API's gRPC server (Envoy transcodes it to JSON); 0 turns it off")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("run", help="run the whole local stack in the foreground (Ctrl-C stops it)")
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen-port", type=int, default=int(os.environ.get("TOLLGATE_PORT", "8080")))
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--extproc-port", type=int, action="append")
+    p.add_argument("--admin-api-port", type=int, default=int(os.environ.get("TOLLGATE_ADMIN_API_PORT", "8081")),
+                   help="Envoy's admin API listener (JSON over HTTP, loopback)")
+    p.add_argument("--extproc-admin-port", type=int, action="append",
+                   help="the ext_proc admin gRPC port(s), one per --extproc-port (default 50052)")
     p.add_argument("--access-log", default="/dev/stdout")
     p.set_defaults(func=_envoy_config)
 
@@ -87,7 +93,14 @@ def _serve(args: argparse.Namespace) -> None:
 
     async def amain() -> None:
         gw = await build_gateway(config, redis_url=args.redis_url)
-        await serve(gw.new_processor, args.host, args.port, on_stop=gw.close)
+        admin = None
+        if args.admin_port:
+            from .admin import service as admin_service
+            from .server import AdminEndpoint
+
+            admin = AdminEndpoint(lambda server: admin_service.add_to_server(gw, server),
+                                  admin_service.SERVICE_NAME, args.host, args.admin_port)
+        await serve(gw.new_processor, args.host, args.port, on_stop=gw.close, admin=admin)
 
     asyncio.run(amain())
 
@@ -99,6 +112,7 @@ def _envoy_config(args: argparse.Namespace) -> None:
 
     config = _load(args.policies)
     ports = EnvoyPorts(listen=args.listen_port, admin=args.admin_port, extproc=args.extproc_port or [50051],
+                       admin_api=args.admin_api_port, extproc_admin=args.extproc_admin_port or [50052],
                        access_log=args.access_log)
     sys.stdout.write(yaml.safe_dump(render(config, ports), sort_keys=False))
 
@@ -124,6 +138,7 @@ def _run(args: argparse.Namespace) -> None:
             f"  policies:        {Path(args.policies).resolve()}\n"
             f"  redis:           {stack.redis_url}\n"
             f"  envoy admin:     http://127.0.0.1:{stack.ports.admin}\n"
+            f"  admin API:       http://127.0.0.1:{stack.ports.admin_api}/admin/v1/budgets (JSON; see README)\n"
             f"  access log:      {stack.access_log}\n"
             f"Attribution records follow, one JSON line per request. Ctrl-C stops everything.\n",
             flush=True,

@@ -110,6 +110,12 @@ class GatewaySection(_Strict):
                     "x-tollgate-metadata header is honoured as custom attributes")
 
 
+class AdminRule(_Strict):
+    """Who may use the admin API beyond their own budget status and dry runs: any matching rule grants it."""
+
+    where: dict[str, str | list[str]] = Field(description="identity attribute globs, e.g. {groups: platform-admins}")
+
+
 class PolicyDoc(_Strict):
     prices: PricesSection
     providers: dict[str, Provider]
@@ -118,6 +124,7 @@ class PolicyDoc(_Strict):
     budgets: BudgetList = []
     access: list[AccessRule] = []
     identity: IdentityConfig = IdentityConfig()
+    admin: list[AdminRule] = Field(default_factory=list, description="admin API rules (where-rules; any match grants)")
 
     @field_validator("providers")
     @classmethod

@@ -28,11 +28,23 @@ class EnvoyPorts:
     listen_address: str = "127.0.0.1"
     access_log: str = "/dev/stdout"
     buffer_limit_bytes: int = 32 * 1024 * 1024
+    admin_api: int = 8081  # Envoy's admin API listener (JSON over HTTP)
+    admin_api_address: str = "127.0.0.1"
+    extproc_admin: list[int] = field(default_factory=lambda: [50052])  # the ext_proc admin gRPC port(s)
+    admin_descriptor: str | None = None  # the admin API's descriptor set; None = build/locate it
 
 
 def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict[str, Any]:
+    descriptor = ports.admin_descriptor
+    if descriptor is None:
+        from .admin.build import ensure_generated
+
+        descriptor = str(ensure_generated())
     text = string.Template(template.read_text()).substitute(
         ADMIN_PORT=ports.admin,
+        ADMIN_API_PORT=ports.admin_api,
+        ADMIN_API_ADDRESS=ports.admin_api_address,
+        ADMIN_DESCRIPTOR=descriptor,
         LISTEN_PORT=ports.listen,
         LISTEN_ADDRESS=ports.listen_address,
         ACCESS_LOG_PATH=ports.access_log,
@@ -42,6 +54,8 @@ def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict
     res = boot["static_resources"]
     extproc = next(c for c in res["clusters"] if c["name"] == "tollgate_extproc")
     extproc["load_assignment"]["endpoints"][0]["lb_endpoints"] = [_endpoint("127.0.0.1", p) for p in ports.extproc]
+    admin = next(c for c in res["clusters"] if c["name"] == "tollgate_admin")
+    admin["load_assignment"]["endpoints"][0]["lb_endpoints"] = [_endpoint("127.0.0.1", p) for p in ports.extproc_admin]
     vhost = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
     timeout = f"{int(config.gateway.request_timeout_seconds)}s"
     routes = [_route(name, p, timeout) for name, p in config.providers.items()]

@@ -16,9 +16,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import TYPE_CHECKING
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import BodyMutation, CommonResponse, HttpBody, HttpHeaders, ProcessingResponse
@@ -32,6 +31,7 @@ from .errors import GatewayError, Shape, bad_request
 from .identity import AuthError, Identity
 from .pricing import NANO_PER_USD, ModelPrice, Usage
 from .providers import Api, ParsedRequest, SSEParser, StreamState, api_for_path
+from .usage import usage_write
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -388,11 +388,14 @@ class Processor:
     async def _settle_and_record(self, end: str) -> dict[str, Any]:
         usage, complete = self._usage(end)
         cost = self.price.cost_nusd(usage) if (self.price and usage) else 0
-        adm, engine = self.admission, self.gw.budgets
-        if adm is not None and adm.counters and engine is not None:
-            # Never lost: the real cost replaces the reservation; no usage (upstream error) frees it.
-            self.settlement = await (engine.settle(adm, cost) if usage is not None else engine.release(adm))
         record = self._record(usage, cost, complete)
+        engine = self.gw.budgets
+        if engine is not None:
+            # One atomic call: the real cost replaces the reservation (no usage, e.g. an upstream
+            # error, frees it), the day's usage rollup grows, and the record joins the stream.
+            counters = self.admission.counters if self.admission is not None else ()
+            self.settlement = record["settlement"] = await engine.account(
+                self.request_id, counters, cost, usage=usage_write(record, rollup=usage is not None))
         self.gw.sink(record)
         return record
 
@@ -491,6 +494,8 @@ class Processor:
         self.finished = True
         record = self._record(None, 0, True)
         self.gw.sink(record)
+        if self.gw.budgets is not None:  # refusals join the attribution stream too (nothing to settle)
+            _spawn(self.gw.budgets.account(self.request_id, (), 0, usage=usage_write(record, rollup=False)))
         meta = msg.metadata({**self._request_meta(), "decision": self.decision, "status": self.status})
         return msg.error_reply(err, self.shape, {"x-tollgate-request-id": self.request_id}, meta)
 
@@ -520,6 +525,16 @@ class Processor:
 def _last_boundary(raw: bytes) -> int:
     """Offset just past the last blank line (SSE event end) in `raw`, or -1."""
     return max((i + len(sep) for sep in (b"\n\n", b"\r\n\r\n", b"\r\r") if (i := raw.rfind(sep)) >= 0), default=-1)
+
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    """Run `coro` without making the client wait; keep a reference so it is not collected."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def _headers(h: HttpHeaders) -> dict[str, str]:

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .admin.build import ensure_generated
 from .config import load_config
 from .envoy_config import EnvoyPorts, write
 from .procs import Proc, free_port, redis_proc, wait_for_port
@@ -51,6 +52,14 @@ class StackPorts:
     extproc: list[int]
     fake: int
     redis: int
+    admin_api: int = 0  # Envoy's admin API listener; 0 = a free port
+    extproc_admin: list[int] = field(default_factory=list)  # one admin gRPC port per ext_proc; missing = free ports
+
+    def __post_init__(self) -> None:
+        if not self.admin_api:
+            self.admin_api = free_port()
+        while len(self.extproc_admin) < len(self.extproc):
+            self.extproc_admin.append(free_port())
 
     @classmethod
     def free(cls, extproc_count: int = 1) -> "StackPorts":
@@ -66,6 +75,8 @@ class StackPorts:
             extproc=[int(env("TOLLGATE_EXTPROC_PORT", "50051"))],
             fake=int(env("TOLLGATE_FAKE_PORT", "8091")),
             redis=int(env("TOLLGATE_REDIS_PORT", "6380")),
+            admin_api=int(env("TOLLGATE_ADMIN_API_PORT", "8081")),
+            extproc_admin=[int(env("TOLLGATE_EXTPROC_ADMIN_PORT", "50052"))],
         )
 
 
@@ -82,6 +93,11 @@ class Stack:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.listen}"
+
+    @property
+    def admin_api_url(self) -> str:
+        """The admin API (JSON over HTTP through Envoy's gRPC-JSON transcoder)."""
+        return f"http://127.0.0.1:{self.ports.admin_api}"
 
     @property
     def access_log(self) -> Path:
@@ -107,18 +123,23 @@ class Stack:
             fake = self._add(Proc("fake-provider", [py, "-m", "extproc.fakeprovider", "--port", str(self.ports.fake)],
                                   log_path=self.run_dir / "fake.log", env=self.env()))
             extprocs = []
-            for i, port in enumerate(self.ports.extproc):
+            ensure_generated()  # compile the admin proto once, before the ext_procs import it concurrently
+            for i, (port, admin_port) in enumerate(zip(self.ports.extproc, self.ports.extproc_admin)):
                 log = self.attribution_log if i == 0 else self.run_dir / f"extproc-{i}.log"
                 p = Proc(f"extproc-{i}", [py, "-m", "extproc.cli", "serve", "--policies", str(self.policies),
-                                          "--port", str(port), "--redis-url", self.redis_url],
+                                          "--port", str(port), "--admin-port", str(admin_port),
+                                          "--redis-url", self.redis_url],
                          log_path=log, env=self.env())
                 extprocs.append(self._add(p, inherit=self.extproc_stdout_to_terminal))
             envoy_yaml = write(config, EnvoyPorts(listen=self.ports.listen, admin=self.ports.admin,
-                                                  extproc=self.ports.extproc, access_log=str(self.access_log)),
+                                                  extproc=self.ports.extproc, access_log=str(self.access_log),
+                                                  admin_api=self.ports.admin_api,
+                                                  extproc_admin=self.ports.extproc_admin),
                                self.run_dir / "envoy.yaml")
             wait_for_port(self.ports.fake, proc=fake)
-            for p, port in zip(extprocs, self.ports.extproc):
+            for p, port, admin_port in zip(extprocs, self.ports.extproc, self.ports.extproc_admin):
                 wait_for_port(port, proc=p)
+                wait_for_port(admin_port, proc=p)
             envoy = self._add(Proc("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
                                              "--log-level", "warn", "--concurrency", "2",
                                              "--file-flush-interval-msec", "100"],
@@ -147,10 +168,13 @@ class Stack:
                     text = r.read().decode()
                 healthy = sum(1 for line in text.splitlines()
                               if line.startswith("tollgate_extproc::") and line.endswith("::health_flags::healthy"))
-                if healthy == want:
+                admin_ok = sum(1 for line in text.splitlines()
+                               if line.startswith("tollgate_admin::") and line.endswith("::health_flags::healthy"))
+                if healthy == want and admin_ok == want:
                     wait_for_port(self.ports.listen, timeout=max(0.1, deadline - time.monotonic()))
+                    wait_for_port(self.ports.admin_api, timeout=max(0.1, deadline - time.monotonic()))
                     return
-                last = f"{healthy}/{want} ext_proc endpoints healthy"
+                last = f"{healthy}/{want} ext_proc and {admin_ok}/{want} admin API endpoints healthy"
             except Exception as e:  # admin not up yet
                 last = e
             time.sleep(0.1)

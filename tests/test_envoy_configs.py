@@ -29,7 +29,9 @@ def test_rendered_bootstrap_validates(tmp_path):
     config = load_config(REPO / "policies")
     boot = render(config, EnvoyPorts(extproc=[50051, 50052]))
     clusters = {c["name"] for c in boot["static_resources"]["clusters"]}
-    assert {"tollgate_extproc", cluster_name("openai"), cluster_name("anthropic"), cluster_name("fake")} <= clusters
+    assert {"tollgate_extproc", "tollgate_admin", cluster_name("openai"), cluster_name("anthropic"),
+            cluster_name("fake")} <= clusters
+    assert [lst["name"] for lst in boot["static_resources"]["listeners"]] == ["llm", "admin_api"]
     openai = next(c for c in boot["static_resources"]["clusters"] if c["name"] == cluster_name("openai"))
     assert openai["transport_socket"]["typed_config"]["sni"] == "api.openai.com"
     path = tmp_path / "envoy.yaml"

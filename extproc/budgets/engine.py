@@ -26,6 +26,7 @@ admitted in (a request straddling midnight counts for the day it started).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.exceptions import RedisError
 
 from .admission import Admission, BudgetStatus, Decision, ReleaseOutcome, SettleOutcome
 from .match import Attrs, budget_matches, limit_nusd, per_key, per_values
@@ -358,6 +360,86 @@ class BudgetEngine:
         closed = next(c.cb.budget.name for c in counters if c.cb.budget.on_store_error == "fail_closed")
         return Admission("store_error", store_error=True, reason=f"budget store unavailable ({err}); budget {closed!r} fails closed", **base)
 
+    # ---- dry run --------------------------------------------------------------------------
+
+    async def dry_run(
+        self,
+        *,
+        attrs: Mapping[str, str | list[str]],
+        model: str,
+        provider: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        min_output_tokens: int = 16,
+        cost_fn: CostFn,
+        provider_of: ProviderOf,
+    ) -> Admission:
+        """What `admit` would decide right now, reserving nothing and writing nothing to Redis.
+
+        Runs `admit`'s own decision logic (match, limits, clamp, downgrade, block) on a view of
+        this engine whose reserve step is replaced by read-only reads of the counters (plain
+        HGET/HMGET/ZRANGEBYSCORE: leases past their expiry are left out, as the scripts would
+        purge them, but nothing is purged). The answer carries no `counters`, so it can never be
+        settled or released; `reserved_nusd` is the worst case that would have been reserved.
+        """
+        view = copy.copy(self)
+        view._reserve = self._peek_reserve  # type: ignore[method-assign]
+        adm = await BudgetEngine.admit(
+            view, request_id="dry-run", attrs=attrs, model=model, provider=provider, input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens, min_output_tokens=min_output_tokens, cost_fn=cost_fn,
+            provider_of=provider_of, lease_seconds=0,
+        )
+        adm.counters = ()
+        adm.request_id = ""
+        return adm
+
+    async def _peek_reserve(
+        self, counters: list[_Counter], request_id: str, cost: int, now: float, lease_seconds: float
+    ) -> ReserveResult:
+        """reserve.lua's verdict without its writes: over = spent + reserved + cost > limit, per counter."""
+        states = await self._peek([c.ref for c in counters], now)
+        ok, out = True, []
+        for c, s in zip(counters, states, strict=True):
+            over = s.spent + s.reserved + cost > c.limit
+            if over and c.cb.enforce:
+                ok = False
+            # Like reserve.lua: buckets (for retry_after) only for counters that are over.
+            out.append(CounterState(s.spent, s.reserved, over, s.buckets if over else ()))
+        return ReserveResult(ok, out)
+
+    async def _peek(self, refs: list[CounterRef], now: float) -> list[CounterState]:
+        """Spent and live reservations of each counter, with read commands only (one MULTI, plus one
+        HMGET per counter that holds expired leases)."""
+        redis = self._store.redis
+        try:
+            pipe = redis.pipeline(transaction=True)
+            for ref in refs:
+                if ref.n_buckets:
+                    idx = ref.bucket_index(now)
+                    pipe.hmget(ref.key, [f"b:{i}" for i in range(idx - ref.n_buckets + 1, idx + 1)])
+                else:
+                    pipe.hget(ref.key, "spent")
+                pipe.hget(ref.key, "reserved")
+                pipe.zrangebyscore(ref.lease_key, "-inf", repr(float(now)))
+            replies = await pipe.execute()
+            out: list[CounterState] = []
+            for i, ref in enumerate(refs):
+                spent_raw, reserved_raw, expired = replies[3 * i: 3 * i + 3]
+                buckets: tuple[int, ...] = ()
+                if ref.n_buckets:
+                    buckets = tuple(_int(v) for v in spent_raw)
+                    spent = sum(buckets)
+                else:
+                    spent = _int(spent_raw)
+                reserved = _int(reserved_raw)
+                if expired:
+                    held = await redis.hmget(ref.key, [b"r:" + (r if isinstance(r, bytes) else r.encode()) for r in expired])
+                    reserved -= sum(_int(v) for v in held)
+                out.append(CounterState(spent, reserved, False, buckets))
+            return out
+        except (RedisError, OSError, TimeoutError) as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from e
+
     # ---- settle / release / status --------------------------------------------------------
 
     async def settle(self, admission: Admission, actual_nusd: int) -> SettleOutcome:
@@ -403,3 +485,9 @@ class BudgetEngine:
             return []
         states = await self._store.read([c.ref for c in counters], now=now)
         return [self._status(c, s, now, cost=0, held=False) for c, s in zip(counters, states)]
+
+
+
+def _int(v: object) -> int:
+    """A Redis integer field (bytes, str or None; amounts are written as plain digits) as int; missing = 0."""
+    return 0 if v is None else int(v)  # type: ignore[call-overload]

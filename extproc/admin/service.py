@@ -1,0 +1,332 @@
+"""The Admin gRPC service: usage reports, budget status and dry runs, served by the ext_proc process.
+
+Every call is authenticated with the gateway's own Authenticator from the gRPC metadata (Envoy's
+gRPC-JSON transcoder forwards the HTTP headers as metadata), so the same API keys, JWTs and
+service tokens work here. Authorization:
+
+* no or bad credential -> UNAUTHENTICATED (HTTP 401 through the transcoder);
+* usage, and budget status or dry runs for another identity, need an `admin:` policy rule
+  (`where` rules over the caller's attributes; any match grants) -> else PERMISSION_DENIED (403);
+* a caller may always read its own budget status and dry-run its own requests.
+
+Nothing here reserves, settles or writes a budget counter: status and dry runs only read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from .. import access
+from ..attrs import where_matches
+from ..budgets import BudgetStatus, StoreError
+from ..budgets import replies as budget_replies
+from ..identity import AuthError, Identity
+from ..providers import api_for_path
+from .build import ensure_generated
+
+ensure_generated()  # a fresh clone: compile the proto on first import
+
+from ._gen import admin_pb2 as pb  # noqa: E402
+from ._gen import admin_pb2_grpc as pb_grpc  # noqa: E402
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+log = logging.getLogger("tollgate.admin")
+
+USAGE_DIMENSIONS = ("user", "team", "app", "group", "model", "provider", "service_token")
+MAX_USAGE_DAYS = 400
+DEFAULT_PATH = "/v1/chat/completions"
+
+
+def usd(nusd: int) -> str:
+    """Exact decimal dollars from nano-dollars: 210000 -> "0.00021", 0 -> "0"."""
+    return format((Decimal(int(nusd)) / Decimal(10**9)).normalize(), "f")
+
+
+def counter_pb(st: BudgetStatus) -> pb.BudgetCounter:
+    used = st.spent_nusd + st.reserved_nusd
+    return pb.BudgetCounter(
+        name=st.name,
+        counter=dict(st.per),
+        window=st.window,
+        mode=st.mode,
+        limit_usd=usd(st.limit_nusd),
+        spent_usd=usd(st.spent_nusd),
+        reserved_usd=usd(st.reserved_nusd),
+        remaining_usd=usd(st.remaining_nusd),
+        resets_at=budget_replies.iso(st.resets_at) or "",
+        retry_after_seconds=0 if st.retry_after_seconds is None else math.ceil(st.retry_after_seconds),
+        percent_used=round(100.0 * used / st.limit_nusd, 4) if st.limit_nusd > 0 else (0.0 if used == 0 else 100.0),
+        limit_nusd=st.limit_nusd,
+        spent_nusd=st.spent_nusd,
+        reserved_nusd=st.reserved_nusd,
+        remaining_nusd=st.remaining_nusd,
+    )
+
+
+def identity_pb(attrs: Mapping[str, str | list[str]]) -> pb.Identity:
+    core = {"user", "email", "groups", "team", "app", "service_token"}
+    groups = attrs.get("groups") or []
+    return pb.Identity(
+        user=str(attrs.get("user") or ""),
+        email=str(attrs.get("email") or ""),
+        groups=[groups] if isinstance(groups, str) else list(groups),
+        team=str(attrs.get("team") or ""),
+        app=str(attrs.get("app") or ""),
+        service_token=str(attrs.get("service_token") or ""),
+        attributes={k: (",".join(v) if isinstance(v, list) else str(v)) for k, v in attrs.items() if k not in core},
+    )
+
+
+def selector_attrs(sel: pb.Identity) -> dict[str, str | list[str]]:
+    """The attributes an Identity message names (empty fields omitted)."""
+    out: dict[str, str | list[str]] = {}
+    for f in ("user", "email", "team", "app", "service_token"):
+        v = getattr(sel, f)
+        if v:
+            out[f] = v
+    if sel.groups:
+        out["groups"] = list(sel.groups)
+    for k, v in sel.attributes.items():
+        if k not in out and k != "groups":
+            out[k] = v
+    return out
+
+
+def consistent(given: Mapping[str, str | list[str]], caller: Mapping[str, str | list[str]]) -> bool:
+    """Does a selector only repeat what is true of the caller (so it names the caller itself)?"""
+    for k, v in given.items():
+        have = caller.get(k)
+        if k == "groups":
+            if not set(v if isinstance(v, list) else [v]) <= set(have or []):
+                return False
+        elif have != v:
+            return False
+    return True
+
+
+class AdminService(pb_grpc.AdminServicer):
+    def __init__(self, gw: "Gateway") -> None:
+        self.gw = gw
+
+    # ---- auth -----------------------------------------------------------------------------
+
+    async def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        headers: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if key.endswith("-bin") or not isinstance(value, str):
+                continue
+            headers[key.lower()] = value
+        try:
+            return await self.gw.auth.authenticate(headers)
+        except AuthError as e:
+            code = grpc.StatusCode.UNAVAILABLE if e.status >= 500 else grpc.StatusCode.UNAUTHENTICATED
+            await context.abort(code, f"{e.check}: {e.message}")
+            raise  # unreachable: abort raises
+
+    def is_admin(self, who: Identity) -> bool:
+        attrs = who.attrs()
+        return any(where_matches(r.where, attrs) for r in self.gw.config.doc.admin)
+
+    async def _subject(self, context: grpc.aio.ServicerContext, who: Identity, sel: pb.Identity | None,
+                       what: str) -> dict[str, str | list[str]]:
+        """Whose attributes a status or dry run uses: the caller's, or (admins only) the named identity's."""
+        mine = who.attrs()
+        given = selector_attrs(sel) if sel is not None else {}
+        if not given or consistent(given, mine):
+            return mine
+        if not self.is_admin(who):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{what} for another identity needs the admin policy rule; "
+                                f"{who.user} may only ask about itself (omit `identity`).")
+        return given
+
+    @staticmethod
+    async def _invalid(context: grpc.aio.ServicerContext, message: str) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    # ---- GetUsage -------------------------------------------------------------------------
+
+    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
+        who = await self._caller(context)
+        if not self.is_admin(who):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"usage reports need the admin policy rule; {who.user} does not match it.")
+        group_by = list(dict.fromkeys(request.group_by))
+        bad = [g for g in group_by if g not in USAGE_DIMENSIONS]
+        if bad:
+            await self._invalid(context, f"group_by {bad[0]!r}: use any of {', '.join(USAGE_DIMENSIONS)}")
+        where = dict(request.where)
+        bad = [k for k in where if k not in USAGE_DIMENSIONS]
+        if bad:
+            await self._invalid(context, f"where {bad[0]!r}: filter on any of {', '.join(USAGE_DIMENSIONS)}")
+        today = dt.datetime.fromtimestamp(self.gw.clock(), dt.timezone.utc).date()
+        try:
+            start = dt.date.fromisoformat(getattr(request, "from")) if getattr(request, "from") else today
+            end = dt.date.fromisoformat(request.to) if request.to else start
+        except ValueError as e:
+            await self._invalid(context, f"dates are YYYY-MM-DD (UTC days): {e}")
+            raise
+        if end < start:
+            await self._invalid(context, f"`to` ({end}) is before `from` ({start})")
+        if (end - start).days >= MAX_USAGE_DAYS:
+            await self._invalid(context, f"at most {MAX_USAGE_DAYS} days per query")
+        if self.gw.redis is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this gateway runs without Redis: no usage is recorded")
+        try:
+            from ..usage import query_usage
+        except ImportError:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "usage rollups are not available in this build")
+            raise
+        try:
+            report = await query_usage(self.gw.redis, group_by=group_by, start=start, end=end, where=where or None)
+        except ValueError as e:
+            await self._invalid(context, str(e))
+            raise
+        except Exception as e:  # Redis down or slow
+            if isinstance(e, (OSError, TimeoutError)) or type(e).__module__.startswith("redis"):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"usage store unavailable: {type(e).__name__}: {e}")
+            raise
+        resp = pb.GetUsageResponse(rows=[self._row(r) for r in report.rows], totals=self._row(report.totals),
+                                   to=end.isoformat(), group_by=group_by)
+        setattr(resp, "from", start.isoformat())
+        return resp
+
+    @staticmethod
+    def _row(r: Any) -> pb.UsageRow:
+        return pb.UsageRow(
+            key={k: str(v) for k, v in (r.key or {}).items()},
+            requests=int(r.requests),
+            input_tokens=int(r.input_tokens),
+            output_tokens=int(r.output_tokens),
+            cached_input_tokens=int(r.cached_input_tokens),
+            cache_write_tokens=int(r.cache_write_tokens),
+            cost_usd=usd(r.cost_nusd),
+            cost_nusd=int(r.cost_nusd),
+        )
+
+    # ---- GetBudgetStatus ------------------------------------------------------------------
+
+    async def GetBudgetStatus(self, request: pb.GetBudgetStatusRequest,
+                              context: grpc.aio.ServicerContext) -> pb.GetBudgetStatusResponse:
+        who = await self._caller(context)
+        attrs = await self._subject(context, who, request.identity if request.HasField("identity") else None,
+                                    "budget status")
+        engine = self.gw.budgets
+        statuses: list[BudgetStatus] = []
+        if engine is not None:
+            try:
+                statuses = await engine.status(attrs)
+            except StoreError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {e}")
+        return pb.GetBudgetStatusResponse(identity=identity_pb(attrs), budgets=[counter_pb(s) for s in statuses])
+
+    # ---- DryRun ---------------------------------------------------------------------------
+
+    async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
+        who = await self._caller(context)
+        attrs = await self._subject(context, who, request.identity if request.HasField("identity") else None,
+                                    "a dry run")
+        path = request.path or DEFAULT_PATH
+        api = api_for_path(path)
+        if api is None:
+            await self._invalid(context, f"path {path!r}: use /v1/chat/completions, /v1/responses, "
+                                         "/v1/embeddings or /v1/messages")
+            raise AssertionError
+        model = request.model
+        if not model:
+            await self._invalid(context, "model is required")
+        if request.max_output_tokens < 0 or request.input_bytes < 0 or request.input_tokens < 0:
+            await self._invalid(context, "max_output_tokens, input_bytes and input_tokens cannot be negative")
+        if not request.input_bytes and not request.input_tokens:
+            await self._invalid(context, "give the request's size: input_bytes (body size) or input_tokens")
+        config = self.gw.config
+        prices = config.prices
+        input_upper = int(request.input_tokens or request.input_bytes)
+        resp = pb.DryRunResponse(model_requested=model, identity=identity_pb(attrs), stream=request.stream)
+
+        def refuse(status: int, code: str, message: str, allowed_models: list[str] | None = None) -> pb.DryRunResponse:
+            resp.decision = "refused"
+            resp.reason = message
+            resp.refusal.CopyFrom(pb.Refusal(http_status=status, code=code, message=message,
+                                             allowed_models=allowed_models or []))
+            return resp
+
+        limit = config.gateway.max_request_bytes
+        if request.input_bytes > limit:
+            return refuse(413, "request_too_large",
+                          f"Request body is {request.input_bytes} bytes; this gateway accepts at most {limit}.")
+        price = prices.lookup(model)
+        if price is None:
+            return refuse(400, "model_not_found", f"The model `{model}` has no price in Tollgate's price table.")
+        provider = config.route(model, api.wire)
+        if provider is None:
+            return refuse(400, "model_not_routable", f"No provider is configured to serve `{model}` on {path}.")
+        resp.provider = provider
+        rules = config.doc.access
+        if rules and not access.allowed(rules, attrs, model):
+            err = access.refusal(rules, attrs, model, prices.names())
+            return refuse(err.status, err.code or "model_not_allowed", err.message,
+                          list(err.extra.get("allowed_models", [])))
+        cap = (request.max_output_tokens or price.max_output_tokens) if api.has_output else 0
+
+        def cost_fn(m: str, input_tokens: int, output_tokens: int) -> int | None:
+            p = prices.lookup(m)
+            return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens))
+
+        def provider_of(m: str) -> str | None:
+            if prices.lookup(m) is None or (rules and not access.allowed(rules, attrs, m)):
+                return None
+            return config.route(m, api.wire)
+
+        engine = self.gw.budgets
+        if engine is None:
+            worst = cost_fn(model, input_upper, cap) or 0
+            resp.decision, resp.reason = "allowed", "no budget applies"
+            resp.model_served, resp.max_output_tokens = model, cap
+            resp.worst_case_cost_usd, resp.worst_case_cost_nusd = usd(worst), worst
+            return resp
+        adm = await engine.dry_run(attrs=attrs, model=model, provider=provider, input_tokens=input_upper,
+                                   max_output_tokens=cap, min_output_tokens=min(16, cap),
+                                   cost_fn=cost_fn, provider_of=provider_of)
+        resp.budgets.extend(adm.budgets)
+        resp.shadow_blocked.extend(s.name for s in adm.shadow_blocked)
+        resp.warnings.extend(s.name for s in adm.warnings)
+        if adm.blocking is not None:
+            resp.blocking_budget.CopyFrom(counter_pb(adm.blocking))
+        if adm.tightest is not None:
+            resp.tightest_budget.CopyFrom(counter_pb(adm.tightest))
+        if adm.decision == "store_error":
+            err = budget_replies.store_unavailable()
+            return refuse(err.status, err.code or "budget_store_unavailable", adm.reason or err.message)
+        if adm.decision == "blocked":
+            worst = cost_fn(model, input_upper, cap) or 0
+            err = budget_replies.blocked(adm, model, worst)
+            resp.decision, resp.reason = "blocked", adm.reason
+            resp.model_served, resp.max_output_tokens = model, cap
+            resp.worst_case_cost_usd, resp.worst_case_cost_nusd = usd(worst), worst
+            resp.refusal.CopyFrom(pb.Refusal(http_status=err.status, code=err.code or "budget_exceeded",
+                                             message=err.message))
+            return resp
+        worst = cost_fn(adm.model, input_upper, adm.max_output_tokens) or 0
+        resp.decision, resp.reason = adm.decision, adm.reason
+        resp.model_served, resp.provider = adm.model, adm.provider
+        resp.max_output_tokens = adm.max_output_tokens
+        resp.max_output_tokens_clamped = api.has_output and adm.max_output_tokens < cap
+        resp.worst_case_cost_usd, resp.worst_case_cost_nusd = usd(worst), worst
+        return resp
+
+
+def add_to_server(gw: "Gateway", server: grpc.aio.Server) -> None:
+    pb_grpc.add_AdminServicer_to_server(AdminService(gw), server)
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name
