@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -14,6 +15,7 @@ from .attribution import Sink, stdout_sink
 from .budgets import BudgetEngine
 from .config import Config
 from .identity import Authenticator
+from .metrics import Metrics
 from .processor import Processor
 
 
@@ -28,11 +30,19 @@ class Gateway:
     budgets: BudgetEngine | None = None
     clock: Callable[[], float] = time.time
     provider_keys: dict[str, str] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
+    metrics_server: Any = None
 
     def __post_init__(self) -> None:
         self.refresh_keys()
-        if self.config.doc.budgets and self.redis is not None:
+        if self.redis is not None:
+            # Even with no budgets: the engine's settle call also writes the usage rollups.
             self.budgets = BudgetEngine(list(self.config.doc.budgets), self.redis, clock=self.clock)
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Every attribution record: to the log sink and into the metrics."""
+        self.sink(record)
+        self.metrics.observe(record)
 
     def refresh_keys(self) -> None:
         """Read gateway-held provider keys once (env or file), not per request."""
@@ -44,6 +54,8 @@ class Gateway:
         return Processor(self)
 
     async def close(self) -> None:
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         await self.auth.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_PORT", "50051")))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TOLLGATE_METRICS_PORT", "9464")),
+                   help="Prometheus /metrics on loopback (0 = off)")
     p.add_argument("--admin-port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_ADMIN_PORT", "50052")),
                    help="port of the admin API's gRPC server (Envoy transcodes it to JSON); 0 turns it off")
     p.set_defaults(func=_serve)
@@ -47,6 +49,23 @@ def main(argv: list[str] | None = None) -> None:
                    help="the ext_proc admin gRPC port(s), one per --extproc-port (default 50052)")
     p.add_argument("--access-log", default="/dev/stdout")
     p.set_defaults(func=_envoy_config)
+
+    p = sub.add_parser("report", help="spend and tokens by user, team, model, ... over a date range (reads Redis)")
+    p.add_argument("--by", default="team", help="comma-separated: user,team,app,group,model,provider,service_token")
+    p.add_argument("--from", dest="start", help="first day, YYYY-MM-DD (UTC; default: the first of this month)")
+    p.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (UTC; default: today)")
+    p.add_argument("--where", action="append", default=[], metavar="DIM=VALUE", help="filter, e.g. team=ml")
+    p.add_argument("--sort", default="cost_usd", help="column to sort by, descending; prefix + for ascending")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("budgets", help="every live budget counter: spent, reserved, limit, percent, reset")
+    p.add_argument("--where", action="append", default=[], metavar="ATTR=VALUE", help="e.g. user=alice@example.com")
+    p.add_argument("--sort", default="percent")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.set_defaults(func=_budgets)
 
     p = sub.add_parser("hash-key", help="print the sha256 to store in a policy for an API key or secret")
     p.add_argument("secret")
@@ -93,6 +112,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     async def amain() -> None:
         gw = await build_gateway(config, redis_url=args.redis_url)
+        if args.metrics_port:
+            gw.metrics_server = await gw.metrics.serve(args.host, args.metrics_port)
         admin = None
         if args.admin_port:
             from .admin import service as admin_service
@@ -100,9 +121,68 @@ def _serve(args: argparse.Namespace) -> None:
 
             admin = AdminEndpoint(lambda server: admin_service.add_to_server(gw, server),
                                   admin_service.SERVICE_NAME, args.host, args.admin_port)
-        await serve(gw.new_processor, args.host, args.port, on_stop=gw.close, admin=admin)
+        await serve(gw.new_processor, args.host, args.port, on_stop=gw.close, admin=admin,
+                    on_phase=gw.metrics.phase_latency)
 
     asyncio.run(amain())
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep:
+            sys.exit(f"tollgate: --where wants DIM=VALUE, got {item!r}")
+        out[k] = v
+    return out
+
+
+def _report(args: argparse.Namespace) -> None:
+    import datetime as dt
+
+    import redis.asyncio as aioredis
+
+    from .reports import render, sort_rows, usage_rows
+    from .usage import query_usage
+
+    today = dt.datetime.now(dt.timezone.utc).date()
+    try:
+        start = dt.date.fromisoformat(args.start) if args.start else today.replace(day=1)
+        end = dt.date.fromisoformat(args.end) if args.end else today
+    except ValueError as e:
+        sys.exit(f"tollgate: bad date: {e}")
+    group_by = [d for d in args.by.split(",") if d]
+
+    async def run():
+        client = aioredis.Redis.from_url(args.redis_url, socket_connect_timeout=2)
+        try:
+            return await query_usage(client, group_by=group_by, start=start, end=end, where=_pairs(args.where))
+        finally:
+            await client.aclose()
+
+    try:
+        report = asyncio.run(run())
+    except ValueError as e:
+        sys.exit(f"tollgate: {e}")
+    rows, totals, columns = usage_rows(report)
+    title = f"spend by {', '.join(group_by) or 'everything'}, {start} to {end} (UTC)"
+    sys.stdout.write(render(sort_rows(rows, args.sort), columns, args.format, title=title, totals=totals))
+
+
+def _budgets(args: argparse.Namespace) -> None:
+    import redis.asyncio as aioredis
+
+    from .reports import BUDGET_COLUMNS, budget_counters, render, sort_rows
+
+    async def run():
+        client = aioredis.Redis.from_url(args.redis_url, socket_connect_timeout=2)
+        try:
+            return await budget_counters(client, where=_pairs(args.where))
+        finally:
+            await client.aclose()
+
+    rows = asyncio.run(run())
+    sys.stdout.write(render(sort_rows(rows, args.sort), BUDGET_COLUMNS, args.format, title="live budget counters"))
 
 
 def _envoy_config(args: argparse.Namespace) -> None:

@@ -396,7 +396,7 @@ class Processor:
             counters = self.admission.counters if self.admission is not None else ()
             self.settlement = record["settlement"] = await engine.account(
                 self.request_id, counters, cost, usage=usage_write(record, rollup=usage is not None))
-        self.gw.sink(record)
+        self.gw.record(record)
         return record
 
     def _usage(self, end: str) -> tuple[Usage | None, bool]:
@@ -493,7 +493,7 @@ class Processor:
         self.error_code = err.code or err.type
         self.finished = True
         record = self._record(None, 0, True)
-        self.gw.sink(record)
+        self.gw.record(record)
         if self.gw.budgets is not None:  # refusals join the attribution stream too (nothing to settle)
             _spawn(self.gw.budgets.account(self.request_id, (), 0, usage=usage_write(record, rollup=False)))
         meta = msg.metadata({**self._request_meta(), "decision": self.decision, "status": self.status})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -23,8 +24,10 @@ log = logging.getLogger("tollgate.server")
 
 
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
-    def __init__(self, new_processor: Callable[[], Processor]) -> None:
+    def __init__(self, new_processor: Callable[[], Processor],
+                 on_phase: Callable[[str, float], None] | None = None) -> None:
         self._new = new_processor
+        self._on_phase = on_phase  # (phase, seconds) for each message handled, e.g. a latency histogram
 
     async def Process(
         self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
@@ -33,6 +36,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         try:
             async for req in request_iterator:
                 phase = req.WhichOneof("request")
+                started = time.perf_counter()
                 try:
                     if phase == "request_headers":
                         resp = await proc.request_headers(req.request_headers)
@@ -47,6 +51,8 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 except Exception:
                     log.exception("processing %s of request %s failed", phase, proc.request_id)
                     resp = proc.internal_error(phase or "")
+                if self._on_phase is not None:
+                    self._on_phase(phase or "", time.perf_counter() - started)
                 yield resp
         finally:
             try:
@@ -87,10 +93,11 @@ async def _start(server: grpc.aio.Server, host: str, port: int) -> health.aio.He
 
 async def serve(new_processor: Callable[[], Processor], host: str, port: int,
                 on_stop: Callable[[], "asyncio.Future[None] | None"] | None = None,
-                admin: AdminEndpoint | None = None) -> None:
+                admin: AdminEndpoint | None = None,
+                on_phase: Callable[[str, float], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight streams for a few seconds."""
     server = _new_server()
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_processor), server)
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_processor, on_phase), server)
     health_servicer = await _start(server, host, port)
     names = ("", "envoy.service.ext_proc.v3.ExternalProcessor")
     for name in names:

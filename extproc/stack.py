@@ -54,12 +54,15 @@ class StackPorts:
     redis: int
     admin_api: int = 0  # Envoy's admin API listener; 0 = a free port
     extproc_admin: list[int] = field(default_factory=list)  # one admin gRPC port per ext_proc; missing = free ports
+    metrics: list[int] = field(default_factory=list)  # one Prometheus /metrics port per ext_proc; missing = free ports
 
     def __post_init__(self) -> None:
         if not self.admin_api:
             self.admin_api = free_port()
         while len(self.extproc_admin) < len(self.extproc):
             self.extproc_admin.append(free_port())
+        while len(self.metrics) < len(self.extproc):
+            self.metrics.append(free_port())
 
     @classmethod
     def free(cls, extproc_count: int = 1) -> "StackPorts":
@@ -77,6 +80,7 @@ class StackPorts:
             redis=int(env("TOLLGATE_REDIS_PORT", "6380")),
             admin_api=int(env("TOLLGATE_ADMIN_API_PORT", "8081")),
             extproc_admin=[int(env("TOLLGATE_EXTPROC_ADMIN_PORT", "50052"))],
+            metrics=[int(env("TOLLGATE_METRICS_PORT", "9464"))],
         )
 
 
@@ -124,11 +128,12 @@ class Stack:
                                   log_path=self.run_dir / "fake.log", env=self.env()))
             extprocs = []
             ensure_generated()  # compile the admin proto once, before the ext_procs import it concurrently
-            for i, (port, admin_port) in enumerate(zip(self.ports.extproc, self.ports.extproc_admin)):
+            for i, (port, admin_port, metrics_port) in enumerate(
+                    zip(self.ports.extproc, self.ports.extproc_admin, self.ports.metrics)):
                 log = self.attribution_log if i == 0 else self.run_dir / f"extproc-{i}.log"
                 p = Proc(f"extproc-{i}", [py, "-m", "extproc.cli", "serve", "--policies", str(self.policies),
                                           "--port", str(port), "--admin-port", str(admin_port),
-                                          "--redis-url", self.redis_url],
+                                          "--metrics-port", str(metrics_port), "--redis-url", self.redis_url],
                          log_path=log, env=self.env())
                 extprocs.append(self._add(p, inherit=self.extproc_stdout_to_terminal))
             envoy_yaml = write(config, EnvoyPorts(listen=self.ports.listen, admin=self.ports.admin,
@@ -137,9 +142,11 @@ class Stack:
                                                   extproc_admin=self.ports.extproc_admin),
                                self.run_dir / "envoy.yaml")
             wait_for_port(self.ports.fake, proc=fake)
-            for p, port, admin_port in zip(extprocs, self.ports.extproc, self.ports.extproc_admin):
+            for p, port, admin_port, metrics_port in zip(extprocs, self.ports.extproc, self.ports.extproc_admin,
+                                                         self.ports.metrics):
                 wait_for_port(port, proc=p)
                 wait_for_port(admin_port, proc=p)
+                wait_for_port(metrics_port, proc=p)
             envoy = self._add(Proc("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
                                              "--log-level", "warn", "--concurrency", "2",
                                              "--file-flush-interval-msec", "100"],
