@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +19,9 @@ from .config import Config
 from .identity import Authenticator
 from .metrics import Metrics
 from .processor import Processor
+
+
+log = logging.getLogger("tollgate.app")
 
 
 @dataclass
@@ -38,6 +43,21 @@ class Gateway:
         if self.redis is not None:
             # Even with no budgets: the engine's settle call also writes the usage rollups.
             self.budgets = BudgetEngine(list(self.config.doc.budgets), self.redis, clock=self.clock)
+
+    async def watch_shared_budgets(self, interval: float = 15.0) -> None:
+        """Keep the utilisation gauge of shared (no `per`) budget counters fresh, off the hot path."""
+        from .reports import budget_counters
+
+        while self.redis is not None:
+            try:
+                for row in await budget_counters(self.redis):
+                    if row["counter"] == "(shared)" and row["limit_usd"]:
+                        self.metrics.set_budget_utilisation(
+                            row["budget"], (row["spent_usd"] + row["reserved_usd"]) / row["limit_usd"])
+            except Exception as e:  # Redis down: the request path reports it; just try again later
+                log.debug("shared budget gauge refresh failed: %s", e)
+                self.metrics.redis_error("gauge")
+            await asyncio.sleep(interval)
 
     def record(self, record: dict[str, Any]) -> None:
         """Every attribution record: to the log sink and into the metrics."""

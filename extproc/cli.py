@@ -112,8 +112,10 @@ def _serve(args: argparse.Namespace) -> None:
 
     async def amain() -> None:
         gw = await build_gateway(config, redis_url=args.redis_url)
+        gauges = None
         if args.metrics_port:
             gw.metrics_server = await gw.metrics.serve(args.host, args.metrics_port)
+            gauges = asyncio.get_running_loop().create_task(gw.watch_shared_budgets())
         admin = None
         if args.admin_port:
             from .admin import service as admin_service
@@ -123,6 +125,8 @@ def _serve(args: argparse.Namespace) -> None:
                                   admin_service.SERVICE_NAME, args.host, args.admin_port)
         await serve(gw.new_processor, args.host, args.port, on_stop=gw.close, admin=admin,
                     on_phase=gw.metrics.phase_latency)
+        if gauges is not None:
+            gauges.cancel()
 
     asyncio.run(amain())
 

@@ -194,6 +194,8 @@ class Processor:
             cost_fn=cost_fn, provider_of=provider_of,
             lease_seconds=self.config.gateway.request_timeout_seconds + 60)
         self.shadow_blocked = [st.name for st in adm.shadow_blocked]
+        if adm.store_error:
+            self.gw.metrics.redis_error("admit")
         if adm.decision == "blocked":
             raise budget_replies.blocked(adm, req.model, cost_fn(req.model, req.input_tokens_upper, cap))
         if adm.decision == "store_error":
@@ -396,6 +398,8 @@ class Processor:
             counters = self.admission.counters if self.admission is not None else ()
             self.settlement = record["settlement"] = await engine.account(
                 self.request_id, counters, cost, usage=usage_write(record, rollup=usage is not None))
+            if self.settlement == "store_error":
+                self.gw.metrics.redis_error("settle")
         self.gw.record(record)
         return record
 
