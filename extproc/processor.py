@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from envoy.service.ext_proc.v3.external_processor_pb2 import BodyMutation, CommonResponse, HttpBody, HttpHeaders, ProcessingResponse
 
-from . import access
+from . import access, decide
 from . import messages as msg
 from .budgets import Admission
 from .budgets import replies as budget_replies
-from .config import Config
 from .errors import GatewayError, Shape, bad_request
 from .identity import AuthError, Identity
 from .pricing import NANO_PER_USD, ModelPrice, Usage
@@ -128,20 +127,10 @@ class Processor:
             if len(raw) > limit:
                 raise _too_large(len(raw), limit)
             req = self.req = api.parse(raw)
-            self.price = self.config.prices.lookup(req.model)
-            if self.price is None:
-                raise GatewayError(400, f"The model `{req.model}` has no price in Tollgate's price table, so it "
-                                   "cannot be budgeted. Ask your platform team to add it.",
-                                   code="model_not_found", param="model")
-            self.provider = self.config.route(req.model, api.wire)
-            if self.provider is None:
-                raise GatewayError(400, f"No provider is configured to serve `{req.model}` on {self.path}.",
-                                   code="model_not_routable", param="model")
             attrs = self._attrs()
-            rules = self.config.doc.access
-            if rules and not access.allowed(rules, attrs, req.model):
-                raise access.refusal(rules, attrs, req.model, self.config.prices.names())
-            changed = await self._admit(req, attrs)
+            cand = decide.check(self.config, api, req.model, req.output_cap, attrs, self.path)
+            self.price, self.provider = cand.price, cand.provider
+            changed = await self._admit(req, attrs, cand)
         except GatewayError as e:
             return self._refuse(e)
         changed = (req.stream and api.prepare_stream(req.body)) or changed
@@ -164,34 +153,21 @@ class Processor:
                              "model_served": self.model_served, "decision": self.decision, **self._request_meta()})
         return msg.request_body(msg.common(set_headers, remove, body, clear_route_cache=True), meta)
 
-    async def _admit(self, req: ParsedRequest, attrs: dict[str, str | list[str]]) -> bool:
+    async def _admit(self, req: ParsedRequest, attrs: dict[str, str | list[str]], cand: decide.Candidate) -> bool:
         """Reserve the worst case against every matching budget; apply a downgrade or clamp.
 
         Returns True when the body changed. Raises GatewayError on a block or a dead store.
         """
-        assert self.api is not None and self.price is not None and self.provider is not None
+        assert self.api is not None
         self.model_served = req.model
         engine = self.gw.budgets
         if engine is None:
             return False
-        explicit_cap = req.output_cap
-        cap = (explicit_cap or self.price.max_output_tokens) if self.api.has_output else 0
-        prices, rules, wire = self.config.prices, self.config.doc.access, self.api.wire
-
-        def cost_fn(model: str, input_tokens: int, output_tokens: int) -> int | None:
-            p = prices.lookup(model)
-            return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens))
-
-        def provider_of(model: str) -> str | None:
-            # A fallback must be priced, routable for this wire format, and allowed for this caller.
-            if prices.lookup(model) is None or (rules and not access.allowed(rules, attrs, model)):
-                return None
-            return self.config.route(model, wire)
-
+        cap, cost_fn = cand.cap, cand.cost_fn
         adm = self.admission = await engine.admit(
-            request_id=self.request_id, attrs=attrs, model=req.model, provider=self.provider,
+            request_id=self.request_id, attrs=attrs, model=req.model, provider=cand.provider,
             input_tokens=req.input_tokens_upper, max_output_tokens=cap, min_output_tokens=min(16, cap),
-            cost_fn=cost_fn, provider_of=provider_of,
+            cost_fn=cost_fn, provider_of=cand.provider_of,
             lease_seconds=self.config.gateway.request_timeout_seconds + 60)
         self.shadow_blocked = [st.name for st in adm.shadow_blocked]
         if adm.store_error:
@@ -206,7 +182,7 @@ class Processor:
         if adm.model != req.model:
             self.api.set_model(req.body, adm.model)
             self.provider, self.model_served = adm.provider, adm.model
-            self.price = prices.lookup(adm.model)
+            self.price = self.config.prices.lookup(adm.model)
             changed = True
         if self.api.has_output and adm.max_output_tokens < cap:
             self.api.set_output_cap(req.body, adm.max_output_tokens)

@@ -6,6 +6,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,16 +52,23 @@ def idp() -> Iterator[TestIdP]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def stack(policy_dir: Path, idp: TestIdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The real stack (Redis, fake provider, ext_proc, Envoy) on free ports, shared by e2e tests."""
-    s = Stack(policy_dir, tmp_path_factory.mktemp("stack"), StackPorts.free(),
+@contextmanager
+def running_stack(policy_dir: Path, idp: TestIdP, run_dir: Path, extproc_count: int = 1) -> Iterator[Stack]:
+    """A real stack (Redis, fake provider, ext_proc(s), Envoy) on free ports, stopped by PID after."""
+    s = Stack(policy_dir, run_dir, StackPorts.free(extproc_count),
               extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY, "TEST_JWKS_PORT": str(idp.port)})
     try:
         s.start()
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(policy_dir: Path, idp: TestIdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack shared by the end-to-end tests."""
+    with running_stack(policy_dir, idp, tmp_path_factory.mktemp("stack")) as s:
+        yield s
 
 
 class AttributionLog:

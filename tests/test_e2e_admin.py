@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from extproc.stack import Stack, StackPorts
-from tests.conftest import FAKE_GATEWAY_KEY
+from extproc.stack import Stack
+from tests.conftest import running_stack
 from tests.e2e_idp import TestIdP
 
 ADMIN, IC, TRIAL = "key-admin", "key-ic", "trial"
@@ -25,13 +25,8 @@ ADMIN, IC, TRIAL = "key-admin", "key-ic", "trial"
 
 @pytest.fixture(scope="module")
 def admin_stack(policy_dir: Path, idp: TestIdP, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = Stack(policy_dir, tmp_path_factory.mktemp("admin-stack"), StackPorts.free(),
-              extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY, "TEST_JWKS_PORT": str(idp.port)})
-    try:
-        s.start()
+    with running_stack(policy_dir, idp, tmp_path_factory.mktemp("admin-stack")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def call(stack: Stack, method: str, path: str, key: str | None, body: dict | None = None,

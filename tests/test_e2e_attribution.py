@@ -20,8 +20,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.stack import Stack, StackPorts
-from tests.conftest import FAKE_GATEWAY_KEY, AttributionLog
+from extproc.stack import Stack
+from tests.conftest import AttributionLog, running_stack
 
 MIX = [  # (api key, api, model, max tokens, times)
     ("demo", "openai", "gpt-4o", 50, 3),
@@ -36,10 +36,7 @@ MIX = [  # (api key, api, model, max tokens, times)
 
 @pytest.fixture(scope="module")
 def attr_stack(policy_dir, idp, tmp_path_factory):
-    s = Stack(policy_dir, tmp_path_factory.mktemp("attribution"), StackPorts.free(),
-              extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY, "TEST_JWKS_PORT": str(idp.port)})
-    try:
-        s.start()
+    with running_stack(policy_dir, idp, tmp_path_factory.mktemp("attribution")) as s:
         for key, api, model, cap, times in MIX:
             for i in range(times):
                 content = f"request {i} from {key} " * (i + 1)
@@ -56,8 +53,6 @@ def attr_stack(policy_dir, idp, tmp_path_factory):
                 except openai.PermissionDeniedError:
                     pass
         yield s
-    finally:
-        s.stop()
 
 
 def records(s: Stack) -> list[dict]:

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
-from extproc.stack import Stack, StackPorts
-from tests.conftest import FAKE_GATEWAY_KEY, AttributionLog
+from extproc.stack import Stack
+from tests.conftest import AttributionLog, running_stack
 
 LIMIT_USD = 1.0
 
@@ -117,13 +117,8 @@ def test_no_overspend_64_concurrent_clients(stack, attribution):
 @pytest.fixture(scope="module")
 def two_extproc_stack(policy_dir, idp, tmp_path_factory):
     """A second stack whose Envoy spreads requests over two ext_proc processes sharing one Redis."""
-    s = Stack(policy_dir, tmp_path_factory.mktemp("stack2"), StackPorts.free(extproc_count=2),
-              extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY, "TEST_JWKS_PORT": str(idp.port)})
-    try:
-        s.start()
+    with running_stack(policy_dir, idp, tmp_path_factory.mktemp("stack2"), extproc_count=2) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def test_no_overspend_two_extprocs_one_redis(two_extproc_stack):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from extproc.stack import Stack, StackPorts
-from tests.conftest import FAKE_GATEWAY_KEY
+from extproc.stack import Stack
+from tests.conftest import running_stack
 
 CHAT = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}'
 MESSAGES = b'{"model":"claude-haiku-4-5","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
@@ -16,13 +16,8 @@ HEADERS = {"authorization": "Bearer demo", "content-type": "application/json"}
 @pytest.fixture(scope="module")
 def fault_stack(policy_dir, idp, tmp_path_factory):
     """Its own stack: these tests kill its processes."""
-    s = Stack(policy_dir, tmp_path_factory.mktemp("faults"), StackPorts.free(),
-              extra_env={"TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY, "TEST_JWKS_PORT": str(idp.port)})
-    try:
-        s.start()
+    with running_stack(policy_dir, idp, tmp_path_factory.mktemp("faults")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def _proc(s: Stack, name: str):

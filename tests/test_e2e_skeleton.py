@@ -7,7 +7,6 @@ the gateway's own pricing code, to the micro-dollar.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import anthropic
 import httpx

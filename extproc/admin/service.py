@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .. import access
+from .. import decide
 from ..attrs import where_matches
 from ..budgets import BudgetStatus, StoreError
 from ..budgets import replies as budget_replies
+from ..errors import GatewayError
 from ..identity import AuthError, Identity
 from ..providers import api_for_path
 from .build import ensure_generated
@@ -249,7 +250,6 @@ class AdminService(pb_grpc.AdminServicer):
         if not request.input_bytes and not request.input_tokens:
             await self._invalid(context, "give the request's size: input_bytes (body size) or input_tokens")
         config = self.gw.config
-        prices = config.prices
         input_upper = int(request.input_tokens or request.input_bytes)
         resp = pb.DryRunResponse(model_requested=model, identity=identity_pb(attrs), stream=request.stream)
 
@@ -264,29 +264,12 @@ class AdminService(pb_grpc.AdminServicer):
         if request.input_bytes > limit:
             return refuse(413, "request_too_large",
                           f"Request body is {request.input_bytes} bytes; this gateway accepts at most {limit}.")
-        price = prices.lookup(model)
-        if price is None:
-            return refuse(400, "model_not_found", f"The model `{model}` has no price in Tollgate's price table.")
-        provider = config.route(model, api.wire)
-        if provider is None:
-            return refuse(400, "model_not_routable", f"No provider is configured to serve `{model}` on {path}.")
+        try:
+            cand = decide.check(config, api, model, request.max_output_tokens or None, attrs, path)
+        except GatewayError as e:
+            return refuse(e.status, e.code or e.type, e.message, list(e.extra.get("allowed_models", [])))
+        provider, cap, cost_fn = cand.provider, cand.cap, cand.cost_fn
         resp.provider = provider
-        rules = config.doc.access
-        if rules and not access.allowed(rules, attrs, model):
-            err = access.refusal(rules, attrs, model, prices.names())
-            return refuse(err.status, err.code or "model_not_allowed", err.message,
-                          list(err.extra.get("allowed_models", [])))
-        cap = (request.max_output_tokens or price.max_output_tokens) if api.has_output else 0
-
-        def cost_fn(m: str, input_tokens: int, output_tokens: int) -> int | None:
-            p = prices.lookup(m)
-            return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens))
-
-        def provider_of(m: str) -> str | None:
-            if prices.lookup(m) is None or (rules and not access.allowed(rules, attrs, m)):
-                return None
-            return config.route(m, api.wire)
-
         engine = self.gw.budgets
         if engine is None:
             worst = cost_fn(model, input_upper, cap) or 0
@@ -296,7 +279,7 @@ class AdminService(pb_grpc.AdminServicer):
             return resp
         adm = await engine.dry_run(attrs=attrs, model=model, provider=provider, input_tokens=input_upper,
                                    max_output_tokens=cap, min_output_tokens=min(16, cap),
-                                   cost_fn=cost_fn, provider_of=provider_of)
+                                   cost_fn=cost_fn, provider_of=cand.provider_of)
         resp.budgets.extend(adm.budgets)
         resp.shadow_blocked.extend(s.name for s in adm.shadow_blocked)
         resp.warnings.extend(s.name for s in adm.warnings)

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from ..pricing import Usage
-from .base import Api, StreamState, as_int, count_delta
+from .base import Api, StreamState, as_int, count_delta, json_object
 
 
 class Messages(Api):
@@ -33,11 +33,8 @@ class Messages(Api):
         )
 
     def on_event(self, state: StreamState, event: str, data: bytes) -> None:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(obj, dict):
+        obj = json_object(data)
+        if obj is None:
             return
         kind = obj.get("type") or event
         if kind == "content_block_delta":

@@ -134,5 +134,25 @@ class Api:
         return None
 
 
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """One SSE event's data as a JSON object, or None (keep-alives, garbage): streams never raise."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def openai_usage(u: Any, input_key: str, output_key: str) -> Usage | None:
+    """OpenAI counts cached tokens inside the input total (`*_tokens_details.cached_tokens`);
+    split them out so each is priced at its own rate."""
+    if not isinstance(u, dict):
+        return None
+    total_in = as_int(u.get(input_key))
+    details = u.get(input_key + "_details")
+    cached = min(as_int(details.get("cached_tokens")), total_in) if isinstance(details, dict) else 0
+    return Usage(input_tokens=total_in - cached, cached_input_tokens=cached, output_tokens=as_int(u.get(output_key)))
+
+
 def as_int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0

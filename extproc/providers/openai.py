@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from ..pricing import Usage
-from .base import Api, StreamState, as_int, count_delta
+from .base import Api, StreamState, as_int, count_delta, json_object, openai_usage
 
 
 class ChatCompletions(Api):
@@ -27,27 +27,14 @@ class ChatCompletions(Api):
         return True
 
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
-        u = obj.get("usage")
-        if not isinstance(u, dict):
-            return None
-        prompt = as_int(u.get("prompt_tokens"))
-        details = u.get("prompt_tokens_details")
-        cached = min(as_int(details.get("cached_tokens")), prompt) if isinstance(details, dict) else 0
-        return Usage(
-            input_tokens=prompt - cached,
-            cached_input_tokens=cached,
-            output_tokens=as_int(u.get("completion_tokens")),
-        )
+        return openai_usage(obj.get("usage"), "prompt_tokens", "completion_tokens")
 
     def on_event(self, state: StreamState, event: str, data: bytes) -> None:
         if data == b"[DONE]":
             state.done = True
             return
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(obj, dict):
+        obj = json_object(data)
+        if obj is None:
             return
         if state.served_model is None and isinstance(obj.get("model"), str):
             state.served_model = obj["model"]
@@ -67,24 +54,11 @@ class Responses(Api):
     cap_fields = ("max_output_tokens",)
 
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
-        u = obj.get("usage")
-        if not isinstance(u, dict):
-            return None
-        total_in = as_int(u.get("input_tokens"))
-        details = u.get("input_tokens_details")
-        cached = min(as_int(details.get("cached_tokens")), total_in) if isinstance(details, dict) else 0
-        return Usage(
-            input_tokens=total_in - cached,
-            cached_input_tokens=cached,
-            output_tokens=as_int(u.get("output_tokens")),
-        )
+        return openai_usage(obj.get("usage"), "input_tokens", "output_tokens")
 
     def on_event(self, state: StreamState, event: str, data: bytes) -> None:
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(obj, dict):
+        obj = json_object(data)
+        if obj is None:
             return
         kind = obj.get("type") or event
         if kind == "response.output_text.delta" or kind.endswith(".delta"):

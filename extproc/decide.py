@@ -1,0 +1,58 @@
+"""The checks every LLM request passes before budgets: price, route, model access.
+
+Shared by the request path (extproc/processor.py) and the admin API's dry run, so a dry run
+answers exactly what a real request would get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import access
+from .attrs import Attrs
+from .config import Config
+from .errors import GatewayError
+from .pricing import ModelPrice
+from .providers import Api
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A request that passed the checks: where it goes, what it may cost, and how to price fallbacks."""
+
+    model: str
+    price: ModelPrice
+    provider: str
+    cap: int  # output tokens the worst case assumes: the client's cap, else the model's maximum
+    cost_fn: Callable[[str, int, int], int | None]  # (model, input, output tokens) -> worst-case nano-USD
+    provider_of: Callable[[str], str | None]  # a downgrade fallback's provider, None if not usable
+
+
+def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: Attrs, path: str) -> Candidate:
+    """Raise GatewayError (400 unpriced, 400 unroutable, 403 not allowed) or return the candidate."""
+    prices, rules = config.prices, config.doc.access
+    price = prices.lookup(model)
+    if price is None:
+        raise GatewayError(400, f"The model `{model}` has no price in Tollgate's price table, so it "
+                           "cannot be budgeted. Ask your platform team to add it.",
+                           code="model_not_found", param="model")
+    provider = config.route(model, api.wire)
+    if provider is None:
+        raise GatewayError(400, f"No provider is configured to serve `{model}` on {path}.",
+                           code="model_not_routable", param="model")
+    if rules and not access.allowed(rules, attrs, model):
+        raise access.refusal(rules, attrs, model, prices.names())
+
+    def cost_fn(m: str, input_tokens: int, output_tokens: int) -> int | None:
+        p = prices.lookup(m)
+        return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens))
+
+    def provider_of(m: str) -> str | None:
+        # A fallback must be priced, routable for this wire format, and allowed for this caller.
+        if prices.lookup(m) is None or (rules and not access.allowed(rules, attrs, m)):
+            return None
+        return config.route(m, api.wire)
+
+    cap = (output_cap or price.max_output_tokens) if api.has_output else 0
+    return Candidate(model, price, provider, cap, cost_fn, provider_of)
