@@ -155,9 +155,9 @@ def test_dry_run_refusals(admin_stack):
     d = ok(call(admin_stack, "POST", "/admin/v1/dry-run", ADMIN, {"model": "no-such-model", "input_tokens": 10}))
     assert d["decision"] == "refused" and d["refusal"]["code"] == "model_not_found"
     d = ok(call(admin_stack, "POST", "/admin/v1/dry-run", IC,
-                {"model": "claude-sonnet-4-5", "path": "/v1/messages", "max_output_tokens": 100, "input_bytes": 300,
+                {"model": "claude-sonnet-4-6", "path": "/v1/messages", "max_output_tokens": 100, "input_bytes": 300,
                  "stream": True}))
-    assert d["decision"] == "allowed" and d["model_served"] == "claude-sonnet-4-5" and d["max_output_tokens"] == 100
+    assert d["decision"] == "allowed" and d["model_served"] == "claude-sonnet-4-6" and d["max_output_tokens"] == 100
     assert "engineer-monthly" in d["budgets"] and d["stream"] is True
 
 
@@ -183,7 +183,7 @@ def test_usage_equals_query_usage(admin_stack):
 
     import redis.asyncio as aioredis
 
-    for key, model in ((IC, "gpt-4o"), (IC, "gpt-4o-mini"), ("key-ml", "gpt-4o"), ("demo", "claude-sonnet-4-5")):
+    for key, model in ((IC, "gpt-4o"), (IC, "gpt-4o-mini"), ("key-ml", "gpt-4o"), ("demo", "claude-sonnet-4-6")):
         _, r = chat(admin_stack, key, model=model, max_tokens=50)
         assert r.status_code == 200, r.text
     today = dt.datetime.now(dt.timezone.utc).date()

@@ -28,7 +28,7 @@ MIX = [  # (api key, api, model, max tokens, times)
     ("demo", "anthropic", "claude-haiku-4-5", 40, 2),
     ("key-ic", "openai", "gpt-4o-mini", 80, 4),
     ("key-senior", "openai", "gpt-4.1", 30, 2),
-    ("key-alice", "anthropic", "claude-sonnet-4-5", 60, 2),
+    ("key-alice", "anthropic", "claude-sonnet-4-6", 60, 2),
     ("key-ml", "openai", "gpt-5-mini", 100, 3),
     ("key-intern", "openai", "gpt-4o", 10, 1),  # refused (403): must not count
 ]

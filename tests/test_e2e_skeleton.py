@@ -102,15 +102,15 @@ def test_responses_api_plain_and_streamed(oai, attribution):
 
 def test_anthropic_messages_plain_and_streamed(claude, attribution):
     headers = {"x-fake-cache-read": "5", "x-fake-cache-write": "3"}
-    kwargs = dict(model="claude-sonnet-4-5", max_tokens=40,
+    kwargs = dict(model="claude-sonnet-4-6", max_tokens=40,
                   messages=[{"role": "user", "content": "Tell me about the sea, briefly."}])
     raw = claude.messages.with_raw_response.create(**kwargs, extra_headers=headers)
     msg = raw.parse()
-    assert msg.model == "claude-sonnet-4-5"
+    assert msg.model == "claude-sonnet-4-6"
     # Anthropic's wire format gets the gateway key in x-api-key; the client's own credential is gone.
     assert raw.headers["x-fake-api-key"] == FAKE_GATEWAY_KEY and raw.headers["x-fake-authorization"] == ""
     u = msg.usage
-    want = expected_cost("claude-sonnet-4-5*", input=u.input_tokens, cached=u.cache_read_input_tokens,
+    want = expected_cost("claude-sonnet-4-6*", input=u.input_tokens, cached=u.cache_read_input_tokens,
                          cache_write=u.cache_creation_input_tokens, output=u.output_tokens)
     rec = attribution.get(raw.headers["x-tollgate-request-id"])
     assert (rec["cached_input_tokens"], rec["cache_write_tokens"]) == (5, 3)
