@@ -113,7 +113,8 @@ class Processor:
         # Nothing the client said about identity or routing goes further: credentials that
         # identified it, every x-tollgate-* header, Cloudflare Access's identity headers and
         # cookies (Access's CF_Authorization cookie carries the JWT) are removed.
-        creds = self.gw.auth.credential_headers()
+        assert self.identity is not None
+        creds = self.gw.auth.headers_to_strip(self.identity)
         remove = [k for k in headers if k.startswith(_STRIPPED_PREFIXES) or k in creds or k == "cookie"]
         return msg.request_headers(msg.common(remove=remove) if remove else None)
 

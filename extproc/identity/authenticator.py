@@ -166,6 +166,17 @@ class Authenticator:
         """Every identity-bearing header this config reads; strip them before going upstream."""
         return self._credential_headers
 
+    def headers_to_strip(self, identity: Identity) -> frozenset[str]:
+        """The credential headers to remove before the request goes upstream.
+
+        All of them when an API key identified the caller. Otherwise the API-key headers
+        (`authorization`, `x-api-key`) are not Tollgate's credential for this request: they may
+        carry the client's own provider key, for providers configured to pass it through.
+        """
+        if identity.source.startswith("api_key"):
+            return self._credential_headers
+        return self._credential_headers - frozenset(self._api_headers)
+
     def stats(self) -> dict[str, int]:
         """Counters for metrics: full JWT verifications, verified-token cache hits, JWKS fetches."""
         return {
