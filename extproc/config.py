@@ -104,6 +104,8 @@ class Route(_Strict):
 class GatewaySection(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     request_timeout_seconds: float = Field(default=600, gt=0, description="longest an LLM request may run")
+    attribution_stream_maxlen: int = Field(
+        default=1_000_000, gt=0, description="attribution records kept in the Redis stream (approximately)")
     trusted_metadata_sources: list[str] = Field(
         default_factory=list,
         description="identity sources (globs on `source`, e.g. 'service_token', 'jwt:*') whose "

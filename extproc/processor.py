@@ -374,7 +374,7 @@ class Processor:
             # error, frees it), the day's usage rollup grows, and the record joins the stream.
             counters = self.admission.counters if self.admission is not None else ()
             self.settlement = record["settlement"] = await engine.account(
-                self.request_id, counters, cost, usage=usage_write(record, rollup=usage is not None))
+                self.request_id, counters, cost, usage=self._usage_write(record, rollup=usage is not None))
             if self.settlement == "store_error":
                 self.gw.metrics.redis_error("settle")
         self.gw.record(record)
@@ -415,6 +415,9 @@ class Processor:
         if isinstance(obj.get("model"), str):
             self.model_served = obj["model"]
         return self.api.usage_from_json(obj), True
+
+    def _usage_write(self, record: dict[str, Any], rollup: bool) -> Any:
+        return usage_write(record, rollup=rollup, stream_maxlen=self.config.gateway.attribution_stream_maxlen)
 
     def _request_meta(self) -> dict[str, Any]:
         i = self.identity
@@ -476,7 +479,7 @@ class Processor:
         record = self._record(None, 0, True)
         self.gw.record(record)
         if self.gw.budgets is not None:  # refusals join the attribution stream too (nothing to settle)
-            _spawn(self.gw.budgets.account(self.request_id, (), 0, usage=usage_write(record, rollup=False)))
+            _spawn(self.gw.budgets.account(self.request_id, (), 0, usage=self._usage_write(record, rollup=False)))
         meta = msg.metadata({**self._request_meta(), "decision": self.decision, "status": self.status})
         return msg.error_reply(err, self.shape, {"x-tollgate-request-id": self.request_id}, meta)
 
