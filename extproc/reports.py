@@ -39,18 +39,18 @@ def render(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: str, 
     for c in columns:
         right = c not in ("user", "team", "app", "group", "model", "provider", "service_token", "budget",
                           "counter", "window", "mode", "resets_at")
-        footer = "TOTAL" if c == columns[0] and totals is not None else _cell((totals or {}).get(c, ""))
+        footer = "TOTAL" if c == columns[0] and totals is not None else _cell(c, (totals or {}).get(c, ""))
         table.add_column(c, justify="right" if right else "left", footer=footer)
     for r in rows:
-        table.add_row(*(_cell(r.get(c, "")) for c in columns))
+        table.add_row(*(_cell(c, r.get(c, "")) for c in columns))
     out = io.StringIO()
     Console(file=out, width=200, force_terminal=False).print(table)
     return out.getvalue()
 
 
-def _cell(v: Any) -> str:
+def _cell(column: str, v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:.6f}"
+        return f"{v:.1f}" if column == "percent" else f"{v:.6f}"
     return "" if v is None else str(v)
 
 
