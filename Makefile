@@ -9,16 +9,17 @@ PY := $(VENV)/bin/python
 POLICIES ?= $(or $(TOLLGATE_POLICIES),policies)
 export TOLLGATE_POLICIES := $(POLICIES)
 
-.PHONY: run test bench install redis-server check clean
+.PHONY: run test bench install redis-server redis-binary check clean
 
 run: install redis-server
 	$(PY) -m extproc.cli run --policies $(POLICIES)
 
-test: install redis-server
+# The tests start their own Redis on free ports, so they need the binary even when REDIS_URL is set.
+test: install redis-binary
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Tollgate's throughput and latency against plain Envoy (tests/bench.py); needs Debian's wrk.
-bench: install redis-server
+bench: install redis-binary
 	@if ! command -v wrk >/dev/null 2>&1; then \
 	  echo "wrk not found: installing the Debian package"; \
 	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
@@ -40,9 +41,12 @@ $(VENV)/.installed: pyproject.toml protos/tollgate/admin/v1/admin.proto
 	$(PY) -m extproc.admin.build
 	touch $@
 
-# Uses REDIS_URL when set; otherwise installs Debian's redis-server if it is missing.
+# `make run` uses REDIS_URL when set; otherwise it needs Debian's redis-server.
 redis-server:
-	@if [ -n "$$REDIS_URL" ] || command -v redis-server >/dev/null 2>&1; then exit 0; fi; \
+	@if [ -z "$$REDIS_URL" ]; then $(MAKE) --no-print-directory redis-binary; fi
+
+redis-binary:
+	@if command -v redis-server >/dev/null 2>&1; then exit 0; fi; \
 	echo "redis-server not found: installing the Debian package"; \
 	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server
