@@ -9,10 +9,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from typing import Annotated
+from typing import Annotated, ClassVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Asymmetric algorithms only: a JWKS publishes public keys, so an HMAC "key" taken from it is
 # public too, and "none" is no signature at all.
@@ -170,10 +170,13 @@ class JwtIssuerConfig(_Model):
         return self
 
 
-class ServiceTokenEntry(_Model):
-    name: Annotated[str, Field(min_length=1)]
-    client_id: Annotated[str, Field(min_length=1)]
-    secret_sha256: str = Field(repr=False)
+class _HashedCredential(_Model):
+    """What service tokens and API keys share: a secret kept only as its sha256, and the
+    identity attributes it maps to."""
+
+    _hash_field: ClassVar[str]
+    _what: ClassVar[str]
+
     email: str | None = None
     team: str | None = None
     app: str | None = None
@@ -183,19 +186,28 @@ class ServiceTokenEntry(_Model):
     @model_validator(mode="before")
     @classmethod
     def _redact(cls, data: object) -> object:
-        return _redact_bad_hash(data, "secret_sha256", cls.model_fields)
+        return _redact_bad_hash(data, cls._hash_field, cls.model_fields)
 
-    @field_validator("secret_sha256", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _v_hash(cls, v: object) -> str:
-        if not isinstance(v, str):
-            v = ""
-        return _sha256_hex(v, "secret_sha256")
+    def _v_hash(cls, v: object, info: ValidationInfo) -> object:
+        if info.field_name != cls._hash_field:
+            return v
+        return _sha256_hex(v if isinstance(v, str) else "", cls._hash_field)
 
     @field_validator("attributes")
     @classmethod
     def _v_attrs(cls, v: dict[str, AttrValue]) -> dict[str, AttrValue]:
-        return _check_attributes(v, "service token attributes")
+        return _check_attributes(v, f"{cls._what} attributes")
+
+
+class ServiceTokenEntry(_HashedCredential):
+    _hash_field = "secret_sha256"
+    _what = "service token"
+
+    name: Annotated[str, Field(min_length=1)]
+    client_id: Annotated[str, Field(min_length=1)]
+    secret_sha256: str = Field(repr=False)
 
 
 class ServiceTokensConfig(_Model):
@@ -217,32 +229,13 @@ class ServiceTokensConfig(_Model):
         return self
 
 
-class ApiKeyEntry(_Model):
+class ApiKeyEntry(_HashedCredential):
+    _hash_field = "key_sha256"
+    _what = "api key"
+
     name: Annotated[str, Field(min_length=1)]
     key_sha256: str = Field(repr=False)
     user: str | None = None  # defaults to the key's name
-    email: str | None = None
-    groups: list[str] = []
-    team: str | None = None
-    app: str | None = None
-    attributes: dict[str, AttrValue] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _redact(cls, data: object) -> object:
-        return _redact_bad_hash(data, "key_sha256", cls.model_fields)
-
-    @field_validator("key_sha256", mode="before")
-    @classmethod
-    def _v_hash(cls, v: object) -> str:
-        if not isinstance(v, str):
-            v = ""
-        return _sha256_hex(v, "key_sha256")
-
-    @field_validator("attributes")
-    @classmethod
-    def _v_attrs(cls, v: dict[str, AttrValue]) -> dict[str, AttrValue]:
-        return _check_attributes(v, "api key attributes")
 
 
 class ApiKeysConfig(_Model):
