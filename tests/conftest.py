@@ -71,14 +71,16 @@ def stack(policy_dir: Path, idp: TestIdP, tmp_path_factory: pytest.TempPathFacto
         yield s
 
 
-class AttributionLog:
-    """Reads the ext_proc's attribution records (JSON lines) by request id."""
+class JsonLog:
+    """A JSON-lines log read by request id: the ext_proc's attribution records, Envoy's access log."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def records(self) -> list[dict]:
         out = []
+        if not self.path.exists():
+            return out
         for line in self.path.read_text().splitlines():
             if line.startswith("{"):
                 out.append(json.loads(line))
@@ -91,10 +93,10 @@ class AttributionLog:
                 if r.get("request_id") == request_id:
                     return r
             if time.monotonic() > deadline:
-                raise AssertionError(f"no attribution record for {request_id}")
+                raise AssertionError(f"no record for {request_id} in {self.path}")
             time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
-def attribution(stack: Stack) -> AttributionLog:
-    return AttributionLog(stack.attribution_log)
+def attribution(stack: Stack) -> JsonLog:
+    return JsonLog(stack.attribution_log)

@@ -179,9 +179,9 @@ def direct(report: Any) -> dict[tuple, tuple]:
 def test_usage_equals_query_usage(admin_stack):
     import asyncio
 
-    from extproc import usage
-
     import redis.asyncio as aioredis
+
+    from extproc import usage
 
     for key, model in ((IC, "gpt-4o"), (IC, "gpt-4o-mini"), ("key-ml", "gpt-4o"), ("demo", "claude-sonnet-4-6")):
         _, r = chat(admin_stack, key, model=model, max_tokens=50)

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.stack import Stack
-from tests.conftest import AttributionLog, running_stack
+from tests.conftest import JsonLog, running_stack
 
 MIX = [  # (api key, api, model, max tokens, times)
     ("demo", "openai", "gpt-4o", 50, 3),
@@ -56,7 +56,7 @@ def attr_stack(policy_dir, idp, tmp_path_factory):
 
 
 def records(s: Stack) -> list[dict]:
-    return [r for r in AttributionLog(s.attribution_log).records() if r.get("api")]
+    return [r for r in JsonLog(s.attribution_log).records() if r.get("api")]
 
 
 def cli(s: Stack, *args: str) -> str:

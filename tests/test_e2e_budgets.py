@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from extproc.stack import Stack
-from tests.conftest import AttributionLog, running_stack
+from tests.conftest import JsonLog, running_stack
 
 LIMIT_USD = 1.0
 
@@ -33,7 +33,7 @@ def client(stack: Stack, **kw) -> openai.OpenAI:
 
 # ---- the README walkthrough (default policies, `trial` key) ---------------------------------
 
-def test_readme_walkthrough_downgrades_then_blocks(stack, attribution: AttributionLog):
+def test_readme_walkthrough_downgrades_then_blocks(stack, attribution: JsonLog):
     c = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="trial", max_retries=0)
     served = []
     for _ in range(4):
@@ -96,7 +96,7 @@ async def _hammer(stack: Stack, run: str, clients: int = 64, per_client: int = 2
     return stats
 
 
-def check_no_overspend(stack: Stack, logs: list[AttributionLog]) -> None:
+def check_no_overspend(stack: Stack, logs: list[JsonLog]) -> None:
     run = uuid.uuid4().hex
     stats = asyncio.run(_hammer(stack, run))
     assert not stats["errors"], stats["errors"][:3]
@@ -123,7 +123,7 @@ def two_extproc_stack(policy_dir, idp, tmp_path_factory):
 
 def test_no_overspend_two_extprocs_one_redis(two_extproc_stack):
     s = two_extproc_stack
-    logs = [AttributionLog(s.attribution_log), AttributionLog(s.run_dir / "extproc-1.log")]
+    logs = [JsonLog(s.attribution_log), JsonLog(s.run_dir / "extproc-1.log")]
     check_no_overspend(s, logs)
     # Both processes really served requests.
     assert all(len(log.records()) > 10 for log in logs), [len(log.records()) for log in logs]
@@ -270,7 +270,7 @@ def test_redis_down_fails_closed_or_open_quickly(two_extproc_stack, how):
             ok = c.chat.completions.with_raw_response.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], extra_headers=tag("fail-open"))
             assert ok.headers["x-fake-model"] == "gpt-4o-mini"
-            logs = [AttributionLog(s.attribution_log), AttributionLog(s.run_dir / "extproc-1.log")]
+            logs = [JsonLog(s.attribution_log), JsonLog(s.run_dir / "extproc-1.log")]
             rid = ok.headers["x-tollgate-request-id"]
             rec = next(r for log in logs for r in log.records() if r["request_id"] == rid)
             assert rec["budget_store_error"] is True and rec["cost_usd"] > 0

@@ -19,7 +19,7 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import FAKE_GATEWAY_KEY, REPO, AttributionLog
+from tests.conftest import FAKE_GATEWAY_KEY, REPO, JsonLog
 from tests.e2e_idp import TestIdP
 
 JWT_HEADER = "cf-access-jwt-assertion"
@@ -63,7 +63,7 @@ def _openai_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     return err
 
 
-def _refusal_record(attribution: AttributionLog, r: httpx.Response, status: int, code: str) -> dict[str, Any]:
+def _refusal_record(attribution: JsonLog, r: httpx.Response, status: int, code: str) -> dict[str, Any]:
     rec = attribution.get(r.headers["x-tollgate-request-id"])
     assert rec["status"] == status and rec["decision"] == "refused" and rec["error_code"] == code, rec
     assert rec["cost_usd"] == 0 and rec["input_tokens"] == 0
@@ -82,18 +82,8 @@ def _assert_no_identity_headers_upstream(r: httpx.Response) -> None:
     assert not leaked, f"identity/routing headers reached the provider: {leaked}"
 
 
-def _access_line(stack, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        if stack.access_log.exists():
-            for line in stack.access_log.read_text().splitlines():
-                if request_id in line:
-                    entry = json.loads(line)
-                    if entry.get("request_id") == request_id:
-                        return entry
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no Envoy access log line for {request_id}")
-        time.sleep(0.05)
+def _access_line(stack, request_id: str) -> dict[str, Any]:
+    return JsonLog(stack.access_log).get(request_id)
 
 
 @pytest.fixture(scope="module")

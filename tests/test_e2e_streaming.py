@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from extproc.fakeprovider.server import count_input_tokens
-from tests.conftest import REPO, AttributionLog
+from tests.conftest import REPO, JsonLog
 
 PRICES = yaml.safe_load((REPO / "policies" / "prices.yaml").read_text())["prices"]["models"]
 # Per-token prices, USD: gpt-4o and claude-haiku-4-5 from the shipped price table.
@@ -66,7 +66,7 @@ def assert_settled_once(stack, headers: dict[str, str], rec: dict) -> None:
 # ---- the client goes away ------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 6])
-def test_client_closing_chat_stream_pays_input_and_chunks_seen(stack, oai, attribution: AttributionLog, n):
+def test_client_closing_chat_stream_pays_input_and_chunks_seen(stack, oai, attribution: JsonLog, n):
     headers = {**tag("stream-settle"), "x-fake-token-latency-ms": "40", "x-fake-output-tokens": "200"}
     with oai.chat.completions.with_streaming_response.create(
             model="gpt-4o", messages=MESSAGES, stream=True, extra_headers=headers) as resp:
