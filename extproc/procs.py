@@ -7,6 +7,7 @@ Redis, the fake provider, the ext_proc server and Envoy the same way.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on loopback that nothing listens on right now.
+
+    Picked below the kernel's ephemeral range, so the outgoing connections a busy test opens
+    cannot take it between now and the moment a server binds it, and never the same port twice
+    in one process.
+    """
+    low, high = 20000, min(_ephemeral_low(), 60000)
+    for _ in range(200):
+        port = random.randrange(low, high) if high - low > 1000 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError("no free loopback port found")
 
 
 def wait_for_port(port: int, timeout: float = 20.0, proc: "Proc | None" = None) -> None:
