@@ -57,12 +57,7 @@ class HttpJwksFetcher:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise JwksFetchError(f"GET {url} failed: {type(e).__name__}") from None
-        if len(body) > MAX_JWKS_BYTES:
-            raise JwksFetchError(f"GET {url}: JWKS larger than {MAX_JWKS_BYTES} bytes")
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise JwksFetchError(f"GET {url}: body is not JSON") from None
+        return _parse(body, f"JWKS from GET {url}")
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -75,12 +70,17 @@ def _read_file(path: str) -> Any:
         data = Path(path).read_bytes()
     except OSError as e:
         raise JwksFetchError(f"can't read JWKS file {path}: {e.strerror or type(e).__name__}") from None
+    return _parse(data, f"JWKS file {path}")
+
+
+def _parse(data: bytes, what: str) -> Any:
+    """A JWKS document, bounded in size, whether it came over HTTP or from a file."""
     if len(data) > MAX_JWKS_BYTES:
-        raise JwksFetchError(f"JWKS file {path} is larger than {MAX_JWKS_BYTES} bytes")
+        raise JwksFetchError(f"{what} is larger than {MAX_JWKS_BYTES} bytes")
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
-        raise JwksFetchError(f"JWKS file {path} is not JSON") from None
+        raise JwksFetchError(f"{what} is not JSON") from None
 
 
 # alg -> (kty, allowed crv values or None)
