@@ -241,7 +241,7 @@ class IssuerVerifier:
             if st:
                 entry = self._service_tokens.get(st)
                 if entry is None:
-                    return self._identity(core, extra, source, user=f"service:{st}", service_token=st)
+                    return self._from_claims(core, extra, source, user=f"service:{st}", service_token=st)
                 return Identity(
                     user=f"service:{entry.name}",
                     email=entry.email or core.get("email"),
@@ -259,10 +259,10 @@ class IssuerVerifier:
                 "missing_claim",
                 f"token has no usable {claims['user']!r} claim (mapped to user)",
             )
-        return self._identity(core, extra, source, user=user, service_token=None)
+        return self._from_claims(core, extra, source, user=user, service_token=None)
 
     @staticmethod
-    def _identity(core: dict[str, Any], extra: dict[str, Any], source: str, *, user: str,
+    def _from_claims(core: dict[str, Any], extra: dict[str, Any], source: str, *, user: str,
                   service_token: str | None) -> Identity:
         """An identity whose attributes all come from the token's mapped claims."""
         return Identity(
