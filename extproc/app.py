@@ -9,14 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pathlib import Path
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .attribution import Sink, stdout_sink
 from .budgets import BudgetEngine
+from .budgets.outbox import Outbox
 from .config import Config
 from .identity import Authenticator
+from .lifecycle.admitter import Admitter
+from .lifecycle.settler import drain
 from .metrics import Metrics
 from .processor import Processor
 
@@ -37,12 +42,30 @@ class Gateway:
     provider_keys: dict[str, str] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: Any = None
+    outbox: Outbox | None = None
 
     def __post_init__(self) -> None:
         self.refresh_keys()
         if self.redis is not None:
             # Even with no budgets: the engine's settle call also writes the usage rollups.
-            self.budgets = BudgetEngine(list(self.config.doc.budgets), self.redis, clock=self.clock)
+            # Leases run on Redis's clock (clock=None), so replicas agree on expiry.
+            self.budgets = BudgetEngine(list(self.config.doc.budgets), self.redis, outbox=self.outbox)
+        self.admitter = Admitter(self.budgets, self.metrics)
+
+    async def replay_outbox(self, interval: float = 1.0) -> None:
+        """Replay settles the outbox holds whenever Redis answers again (every `interval` s)."""
+        while self.budgets is not None and self.outbox is not None:
+            try:
+                pending = len(self.outbox)
+                if pending:
+                    done = await self.budgets.replay_outbox()
+                    if done:
+                        log.warning("replayed %d settles from the outbox (%d left)", done, pending - done)
+                    pending -= done
+                self.metrics.set_outbox_pending(pending)
+            except Exception:
+                log.exception("outbox replay failed; retrying")
+            await asyncio.sleep(interval)
 
     async def watch_shared_budgets(self, interval: float = 15.0) -> None:
         """Keep the utilisation gauge of shared (no `per`) budget counters fresh, off the hot path."""
@@ -74,6 +97,12 @@ class Gateway:
         return Processor(self)
 
     async def close(self) -> None:
+        await drain()  # settles still running finish before Redis closes
+        if self.budgets is not None and self.outbox is not None:
+            try:
+                await self.budgets.replay_outbox()
+            except Exception:
+                log.exception("final outbox replay failed; the next start replays it")
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         await self.auth.close()
@@ -81,12 +110,26 @@ class Gateway:
             await self.redis.aclose()
 
 
-async def build_gateway(config: Config, *, redis_url: str | None) -> Gateway:
-    redis = None
-    if redis_url:
-        # Short timeouts: a dead Redis must turn into a clear error well inside Envoy's
-        # 3 s ext_proc message timeout, never a hung request.
-        # No retries either: redis-py's default retries with backoff took 6 s on a hung Redis.
-        redis = aioredis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5,
-                                        health_check_interval=0, retry=Retry(NoBackoff(), 0))
-    return Gateway(config=config, sink=stdout_sink(), auth=Authenticator(config.doc.identity), redis=redis)
+def redis_client(url: str, config: Config) -> aioredis.Redis:
+    """A Redis client whose pool waits for a free connection instead of failing at once.
+
+    redis-py's default pool raises as soon as its 100 connections are busy: at 128 concurrent
+    clients that answered 44 of 14,392 requests with 503 and lost settles. This pool holds up to
+    `redis_max_connections` and makes a request wait up to `redis_pool_timeout_seconds` for one.
+    Short socket timeouts and no retries: a dead Redis must turn into a clear error (or an outbox
+    entry) well inside Envoy's 3 s ext_proc message timeout, never a hung request (redis-py's
+    default retries with backoff took 6 s on a hung Redis).
+    """
+    g = config.gateway
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=g.redis_max_connections, timeout=g.redis_pool_timeout_seconds,
+        socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=0, retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def build_gateway(config: Config, *, redis_url: str | None, outbox_path: Path | None = None,
+                        sink: Sink | None = None) -> Gateway:
+    redis = redis_client(redis_url, config) if redis_url else None
+    outbox = Outbox(outbox_path) if (outbox_path is not None and redis is not None) else None
+    return Gateway(config=config, sink=sink or stdout_sink(), auth=Authenticator(config.doc.identity), redis=redis,
+                   outbox=outbox)

@@ -7,6 +7,8 @@ two files is an error. Problems are reported all at once with file and line (`to
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import fnmatch
 import os
 from dataclasses import dataclass
@@ -101,11 +103,23 @@ class Route(_Strict):
     provider: str
 
 
+if TYPE_CHECKING:
+    from .usage import StreamBound
+
+
 class GatewaySection(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     request_timeout_seconds: float = Field(default=600, gt=0, description="longest an LLM request may run")
-    attribution_stream_maxlen: int = Field(
-        default=1_000_000, gt=0, description="attribution records kept in the Redis stream (approximately)")
+    attribution_stream_max_bytes: int = Field(
+        default=256 * 1024 * 1024, gt=0,
+        description="bytes of attribution records the Redis stream keeps (approximately; oldest trimmed first)")
+    attribution_stream_max_age_seconds: int = Field(
+        default=3 * 86400, ge=0, description="records older than this leave the Redis stream (0: no age bound)")
+    redis_max_connections: int = Field(
+        default=512, gt=0, description="Redis connections per ext_proc process; a request waits for a free one")
+    redis_pool_timeout_seconds: float = Field(
+        default=1.0, gt=0, le=2.5,
+        description="longest a request waits for a Redis connection (inside Envoy's 3 s message timeout)")
     trusted_metadata_sources: list[str] = Field(
         default_factory=list,
         description="identity sources (globs on `source`, e.g. 'service_token', 'jwt:*') whose "
@@ -152,6 +166,13 @@ class Config:
     @property
     def gateway(self) -> GatewaySection:
         return self.doc.gateway
+
+    @property
+    def stream_bound(self) -> "StreamBound":
+        from .usage import StreamBound
+
+        g = self.doc.gateway
+        return StreamBound(g.attribution_stream_max_bytes, g.attribution_stream_max_age_seconds)
 
     def route(self, model: str, wire: str) -> str | None:
         """The provider that serves `model` for this wire format, or None."""

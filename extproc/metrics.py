@@ -93,6 +93,11 @@ class Metrics:
         self._phase = Histogram("tollgate_extproc_phase_seconds", "Time spent handling one ext_proc phase.",
                                 ("phase",), buckets=PHASE_BUCKETS, registry=r)
         self._redis_errors = Counter("tollgate_redis_errors", "Redis errors by operation.", ("op",), registry=r)
+        self._lifecycle = Counter("tollgate_request_lifecycle_events",
+                                  "Requests that ended off the happy path: cancelled_in_admission, "
+                                  "estimated_<estimate> (settled without the provider's usage), overrun "
+                                  "(real cost above the reservation).", ("event",), registry=r)
+        self._outbox = Gauge("tollgate_outbox_pending", "Settles waiting in the local outbox for Redis.", registry=r)
         self._utilisation = Gauge("tollgate_budget_utilisation_ratio",
                                   "Spent (plus reserved) over limit for shared budgets.", ("budget",), registry=r)
 
@@ -104,6 +109,7 @@ class Metrics:
         self._c_phase: dict[str, Any] = {}
         self._c_redis: dict[str, Any] = {}
         self._c_util: dict[str, Any] = {}
+        self._c_lifecycle: dict[str, Any] = {}
 
     # ---- hot path -------------------------------------------------------------------
     def observe(self, record: Mapping[str, Any]) -> None:
@@ -162,6 +168,15 @@ class Metrics:
         if child is None:
             child = self._c_redis[op] = self._redis_errors.labels(_label(op))
         child.inc()
+
+    def lifecycle(self, event: str) -> None:
+        child = self._c_lifecycle.get(event)
+        if child is None:
+            child = self._c_lifecycle[event] = self._lifecycle.labels(_label(event))
+        child.inc()
+
+    def set_outbox_pending(self, n: int) -> None:
+        self._outbox.set(n)
 
     def set_budget_utilisation(self, budget: str, ratio: float) -> None:
         """Shared budgets only (keyed by budget name, never by user)."""

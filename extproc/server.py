@@ -50,7 +50,7 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                         continue
                 except Exception:
                     log.exception("processing %s of request %s failed", phase, proc.request_id)
-                    resp = proc.internal_error(phase or "")
+                    resp = await proc.internal_error(phase or "")
                 if self._on_phase is not None:
                     self._on_phase(phase or "", time.perf_counter() - started)
                 yield resp

@@ -32,33 +32,65 @@ def usage_key(prefix: str, day: date) -> str:
     return f"{prefix}usage:{day.isoformat()}"
 
 
-def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", stream_maxlen: int = 1_000_000,
+def usage_tuple(record: Mapping[str, Any]) -> str:
+    """The rollup tuple of a record: which field group of the day hash it adds to."""
+    return orjson.dumps([
+        record.get("user") or "", record.get("team") or "", record.get("app") or "",
+        sorted(record.get("groups") or []), record.get("model_served") or "", record.get("provider") or "",
+        record.get("service_token") or "",
+    ]).decode()
+
+
+STREAM_ENTRY_OVERHEAD = 64
+"""Bytes Redis spends per stream entry beyond the record itself (ID, field name, listpack framing), roughly."""
+
+
+@dataclass(frozen=True)
+class StreamBound:
+    """How much of the attribution stream Redis keeps: the newest `max_bytes`, none older than `max_age_seconds`."""
+
+    max_bytes: int = 256 * 1024 * 1024
+    max_age_seconds: int = 3 * 86400
+
+    def maxlen(self, record_bytes: int) -> int:
+        """Entries that fit `max_bytes` if they were all this size (a MAXLEN for XADD)."""
+        return max(1, self.max_bytes // (record_bytes + STREAM_ENTRY_OVERHEAD))
+
+
+def _open_object(record: Mapping[str, Any]) -> bytes:
+    """The record as a JSON object without its closing brace: the settle script appends the outcome."""
+    return orjson.dumps(record)[:-1]
+
+
+def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound(),
                 rollup: bool = True) -> UsageWrite:
-    """The attribution writes for one record: its day rollup (when it was forwarded) and the record."""
+    """The attribution writes for one record: its day rollup (when it was forwarded) and the record.
+
+    The record must not carry `settlement`: the script adds what actually happened."""
     day = datetime.fromisoformat(record["ts"]).astimezone(timezone.utc).date()
     increments: tuple[tuple[str, int], ...] = ()
     if rollup:
-        tup = orjson.dumps([
-            record.get("user") or "", record.get("team") or "", record.get("app") or "",
-            sorted(record.get("groups") or []), record.get("model_served") or "", record.get("provider") or "",
-            record.get("service_token") or "",
-        ]).decode()
-        increments = (
-            (f"requests|{tup}", 1),
-            (f"input_tokens|{tup}", int(record.get("input_tokens") or 0)),
-            (f"output_tokens|{tup}", int(record.get("output_tokens") or 0)),
-            (f"cached_input_tokens|{tup}", int(record.get("cached_input_tokens") or 0)),
-            (f"cache_write_tokens|{tup}", int(record.get("cache_write_tokens") or 0)),
-            (f"cost_nusd|{tup}", int(record.get("cost_nusd") or 0)),
-        )
+        tup = usage_tuple(record)
+        increments = tuple((f"{m}|{tup}", int(record.get(m) or 0) if m != "requests" else 1) for m in METRICS)
+    body = _open_object(record)
     return UsageWrite(
         usage_key=usage_key(prefix, day),
         stream_key=f"{prefix}{STREAM}",
         ttl=RETENTION_DAYS * 86400,
-        stream_maxlen=stream_maxlen,
-        record_json=orjson.dumps(record),
+        stream_maxlen=bound.maxlen(len(body)),
+        stream_max_age_ms=bound.max_age_seconds * 1000,
+        record_json=body,
         increments=increments,
     )
+
+
+def lease_meta(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound()) -> bytes:
+    """What a lease keeps so that, if it expires unsettled (its gateway died), the charge of its
+    reservation is still rolled up under the request's identity and recorded (see common.lua)."""
+    day = datetime.fromisoformat(record["ts"]).astimezone(timezone.utc).date()
+    body = _open_object(record)
+    return "\n".join([usage_key(prefix, day), f"{prefix}{STREAM}", str(bound.maxlen(len(body))),
+                      str(bound.max_age_seconds * 1000), usage_tuple(record)]).encode() + b"\n" + body
 
 
 @dataclass

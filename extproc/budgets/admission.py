@@ -68,8 +68,10 @@ class Admission:
         return self.decision in ("allowed", "clamped", "downgraded")
 
 
-SettleOutcome = Literal["settled", "recorded", "duplicate", "nothing", "store_error"]
-"""settled = charged now; recorded = no counters, attribution written; duplicate = this request_id was
-already settled; nothing = no counters; store_error = Redis failed (logged)."""
+SettleOutcome = Literal["settled", "settled_after_expiry", "recorded", "duplicate", "nothing", "queued", "store_error"]
+"""settled = charged now; settled_after_expiry = its lease had expired into a charge of the
+reservation, corrected now to the real cost; recorded = no counters, attribution written;
+duplicate = this request_id was already settled; nothing = no counters; queued = Redis failed, the
+settle waits in the outbox; store_error = Redis failed and there is no outbox (logged, lost)."""
 
 ReleaseOutcome = Literal["released", "nothing", "store_error"]

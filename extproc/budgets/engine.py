@@ -15,8 +15,14 @@ Flow of `admit` (one EVALSHA on the happy path):
      in policy order) are tried in order, each re-matched against all budgets with its own
      model/provider (and clamped if its failing budgets allow) -> "downgraded";
    * else -> "blocked", reporting the first failing budget (policy order).
-4. `settle` swaps the lease for the real cost (once per request_id, even after the lease expired);
-   `release` drops the lease.
+4. `settle` swaps the lease for the real cost (once per request_id; after the lease expired into a
+   charge of the reservation, only the difference); `release` drops the lease. A settle Redis
+   cannot take goes to the outbox (extproc/budgets/outbox.py) and is replayed when Redis is back.
+
+Time: leases and rolling buckets run on Redis's clock (`TIME` in the scripts), so replicas with
+skewed clocks agree on when a lease expires. Calendar periods are chosen on the gateway's clock
+(the key names a period); a gateway whose clock is off by s seconds counts a request in the
+neighbouring period only within s seconds of a boundary. Tests inject one clock for everything.
 
 A model without a price (`cost_fn` -> None) cannot be bounded: it is blocked if any enforce budget
 matches it (shadow-only budgets then record it at settle with a zero reservation); fallbacks without
@@ -40,6 +46,7 @@ from .admission import Admission, BudgetStatus, Decision, ReleaseOutcome, Settle
 from .match import Attrs, budget_matches, limit_nusd, per_key, per_values
 from .money import nusd_to_usd
 from .policy import Budget
+from .outbox import Outbox
 from .store import BudgetStore, CounterRef, CounterState, ReserveResult, StoreError, UsageWrite
 from .windows import KEY_GRACE_SECONDS, Calendar, Period, Window, window_for
 
@@ -85,6 +92,7 @@ class _Request:
     cost_fn: CostFn
     lease_seconds: float
     now: float
+    meta: bytes
 
 
 @dataclass
@@ -107,13 +115,19 @@ class BudgetEngine:
         budgets: list[Budget],
         redis: aredis.Redis,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         prefix: str = "tollgate:",
+        outbox: Outbox | None = None,
     ) -> None:
         self._budgets = [_Compiled(b, window_for(b.window)) for b in budgets]
-        self._clock = clock
+        self._clock = clock or time.time  # calendar periods, key TTLs
+        self._script_clock = clock  # leases and buckets: None = Redis's own clock
         self._prefix = prefix
         self._store = BudgetStore(redis, prefix=prefix, grace=KEY_GRACE_SECONDS)
+        self.outbox = outbox
+
+    def _script_now(self) -> float | None:
+        return self._script_clock() if self._script_clock is not None else None
 
     async def load_scripts(self) -> None:
         """Load the Lua scripts now (e.g. at startup or in a readiness check) instead of on the first request.
@@ -194,10 +208,15 @@ class BudgetEngine:
         cost_fn: CostFn,
         provider_of: ProviderOf,
         lease_seconds: float,
+        meta: bytes = b"",
     ) -> Admission:
-        """Decide whether (and with which model / output cap) a request may go upstream, reserving its worst case."""
+        """Decide whether (and with which model / output cap) a request may go upstream, reserving its worst case.
+
+        `meta` (extproc/usage.py `lease_meta`) is kept with the lease, so that if it expires
+        unsettled its charge is still rolled up and recorded."""
         req = _Request(
-            request_id, attrs, input_tokens, max_output_tokens, min_output_tokens, cost_fn, lease_seconds, self._clock()
+            request_id, attrs, input_tokens, max_output_tokens, min_output_tokens, cost_fn, lease_seconds, self._clock(),
+            meta,
         )
         first = await self._attempt(req, model, provider)
         if not first.failing:
@@ -246,7 +265,7 @@ class BudgetEngine:
                 return _Attempt(Admission("blocked", reason=reason, **base), enforce)
             cost = 0
         try:
-            res = await self._reserve(counters, request_id, cost, now, lease_seconds)
+            res = await self._reserve(counters, req, cost)
         except StoreError as e:
             return _Attempt(self._store_failure(counters, e, base), [])
         if res.ok:
@@ -262,7 +281,7 @@ class BudgetEngine:
                 clamped_cost = cost_fn(model, input_tokens, cap)
                 assert clamped_cost is not None
                 try:
-                    res = await self._reserve(counters, request_id, clamped_cost, now, lease_seconds)
+                    res = await self._reserve(counters, req, clamped_cost)
                 except StoreError as e:
                     return _Attempt(self._store_failure(counters, e, base), [])
                 if res.ok:
@@ -287,17 +306,17 @@ class BudgetEngine:
         )
         return _Attempt(Admission("blocked", blocking=blocking, shadow_blocked=shadow, reason=reason, **base), failing)
 
-    async def _reserve(
-        self, counters: list[_Counter], request_id: str, cost: int, now: float, lease_seconds: float
-    ) -> ReserveResult:
+    async def _reserve(self, counters: list[_Counter], req: _Request, cost: int) -> ReserveResult:
         return await self._store.reserve(
             [c.ref for c in counters],
             [c.limit for c in counters],
             [c.cb.enforce for c in counters],
-            request_id=request_id,
+            request_id=req.request_id,
             cost=cost,
-            now=now,
-            lease_seconds=lease_seconds,
+            now=self._script_now(),
+            ttl_now=req.now,
+            lease_seconds=req.lease_seconds,
+            meta=req.meta,
         )
 
     @staticmethod
@@ -378,8 +397,8 @@ class BudgetEngine:
 
         Runs `admit`'s own decision logic (match, limits, clamp, downgrade, block) on a view of
         this engine whose reserve step is replaced by read-only reads of the counters (plain
-        HGET/HMGET/ZRANGEBYSCORE: leases past their expiry are left out, as the scripts would
-        purge them, but nothing is purged). The answer carries no `counters`, so it can never be
+        HGET/HMGET/ZRANGEBYSCORE: leases past their expiry count as spent, as the scripts would
+        charge them, but nothing is written). It reads on the gateway's clock. The answer carries no `counters`, so it can never be
         settled or released; `reserved_nusd` is the worst case that would have been reserved.
         """
         view = copy.copy(self)
@@ -393,10 +412,9 @@ class BudgetEngine:
         adm.request_id = ""
         return adm
 
-    async def _peek_reserve(
-        self, counters: list[_Counter], request_id: str, cost: int, now: float, lease_seconds: float
-    ) -> ReserveResult:
+    async def _peek_reserve(self, counters: list[_Counter], req: _Request, cost: int) -> ReserveResult:
         """reserve.lua's verdict without its writes: over = spent + reserved + cost > limit, per counter."""
+        now = req.now
         states = await self._peek([c.ref for c in counters], now)
         ok, out = True, []
         for c, s in zip(counters, states, strict=True):
@@ -405,7 +423,7 @@ class BudgetEngine:
                 ok = False
             # Like reserve.lua: buckets (for retry_after) only for counters that are over.
             out.append(CounterState(s.spent, s.reserved, over, s.buckets if over else ()))
-        return ReserveResult(ok, out)
+        return ReserveResult(ok, out, now)
 
     async def _peek(self, refs: list[CounterRef], now: float) -> list[CounterState]:
         """Spent and live reservations of each counter, with read commands only (one MULTI, plus one
@@ -432,9 +450,12 @@ class BudgetEngine:
                 else:
                     spent = _int(spent_raw)
                 reserved = _int(reserved_raw)
-                if expired:
-                    held = await redis.hmget(ref.key, [b"r:" + (r if isinstance(r, bytes) else r.encode()) for r in expired])
-                    reserved -= sum(_int(v) for v in held)
+                leases = [r if isinstance(r, bytes) else r.encode() for r in expired]
+                leases = [r for r in leases if not r.startswith(b"x:")]  # tombstones hold nothing
+                if leases:
+                    held = sum(_int(v) for v in await redis.hmget(ref.key, [b"r:" + r for r in leases]))
+                    reserved -= held
+                    spent += held  # the scripts would charge an expired lease
                 out.append(CounterState(spent, reserved, False, buckets))
             return out
         except (RedisError, OSError, TimeoutError) as e:
@@ -451,26 +472,56 @@ class BudgetEngine:
     async def account(self, request_id: str, counters: tuple[CounterRef, ...], actual_nusd: int, *,
                       usage: UsageWrite | None = None) -> SettleOutcome:
         """Settle `counters` (possibly none) and, with `usage`, write the attribution rollups and
-        record in the same atomic call. Idempotent per request_id; never raises."""
+        record in the same atomic call. Idempotent per request_id; never raises.
+
+        When Redis cannot take it, the call goes to the outbox ("queued") and is replayed later;
+        without an outbox it is lost ("store_error", logged)."""
         if not counters and usage is None:
             return "nothing"
+        keys, args = self._store.settle_call(list(counters), request_id=request_id, actual=max(0, int(actual_nusd)),
+                                             now=self._script_now(), ttl_now=self._clock(), usage=usage)
         try:
-            charged = await self._store.settle(
-                list(counters), request_id=request_id, actual=max(0, int(actual_nusd)), now=self._clock(), usage=usage
-            )
+            outcome = await self._store.replay_settle(keys, args)
         except StoreError as e:
+            if self.outbox is not None:
+                try:
+                    self.outbox.put(keys, args)
+                except Exception:  # disk full, permissions: say so loudly, the settle is lost
+                    log.exception("settle of %s (%d nUSD) lost: Redis failed (%s) and the outbox too",
+                                  request_id, actual_nusd, e)
+                    return "store_error"
+                log.warning("settle of %s (%d nUSD) queued in the outbox: %s", request_id, actual_nusd, e)
+                return "queued"
             log.error("settle of %s (%d nUSD) lost: %s", request_id, actual_nusd, e)
             return "store_error"
-        if not counters:
-            return "recorded" if charged else "duplicate"
-        return "settled" if charged else "duplicate"
+        return outcome  # type: ignore[return-value]
+
+    async def replay_outbox(self, batch: int = 200) -> int:
+        """Replay queued settles in order until the outbox is empty or Redis fails; returns how many
+        were applied (a settle that had landed after all comes back as a duplicate, harmlessly)."""
+        if self.outbox is None:
+            return 0
+        done = 0
+        while True:
+            entries = self.outbox.peek(batch)
+            if not entries:
+                return done
+            for entry in entries:
+                try:
+                    await self._store.replay_settle(entry.keys, entry.args)
+                except StoreError:
+                    return done
+                self.outbox.remove(entry.id)
+                done += 1
 
     async def release(self, admission: Admission) -> ReleaseOutcome:
-        """Drop the reservation without charging (upstream failed, no usage); never raises."""
+        """Drop the reservation without charging (it never reached the provider); never raises.
+        If Redis fails the lease stays and expires into a charge: released leases are not queued,
+        since the request may yet be settled by a retry of its own."""
         if not admission.counters:
             return "nothing"
         try:
-            await self._store.release(list(admission.counters), request_id=admission.request_id, now=self._clock())
+            await self._store.release(list(admission.counters), request_id=admission.request_id, now=self._script_now())
         except StoreError as e:
             log.warning("budget release of %s failed (lease will expire): %s", admission.request_id, e)
             return "store_error"
@@ -483,7 +534,7 @@ class BudgetEngine:
         counters = self._counters(attrs, now, for_status=True)
         if not counters:
             return []
-        states = await self._store.read([c.ref for c in counters], now=now)
+        states = await self._store.read([c.ref for c in counters], now=self._script_now())
         return [self._status(c, s, now, cost=0, held=False) for c, s in zip(counters, states)]
 
 

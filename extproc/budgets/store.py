@@ -4,15 +4,22 @@ Key layout (all under the engine's prefix, default `tollgate:`):
 
 * `{prefix}b:{budget}:{period}:{per}` — HASH for one counter. Fields: `spent` (calendar, settled
   nano-USD) or `b:<bucket index>` (rolling, settled nano-USD per bucket) plus `lo` (oldest bucket
-  kept); `reserved` (sum of live leases); `r:<request_id>` (one lease's amount). `{period}` is the
-  calendar period id (`2026-11-28`, `W2026-11-23`, `2026-11`) or `r<window>s<bucket>` for rolling.
-  `{per}` is `attr=value` pairs joined by `,` (values URL-quoted), or `_` for a shared counter.
-* `{counter}:leases` — ZSET of request_id scored by lease expiry (epoch seconds, engine clock).
-* `{prefix}settled:{request_id}` — STRING marker (the charged amount) that makes settle idempotent.
+  kept); `reserved` (sum of live leases); `r:<request_id>` (one live lease's amount);
+  `x:<request_id>` (the tombstone of a lease that expired into a charge: the amount charged, kept
+  a day for a late settle); `m:<request_id>` (on a request's first counter only, while its lease
+  lives: what an expiry needs to roll up and record the charge). `{period}` is the calendar
+  period id (`2026-11-28`, `W2026-11-23`, `2026-11`) or `r<window>s<bucket>` for rolling. `{per}`
+  is `attr=value` pairs joined by `,` (values URL-quoted), or `_` for a shared counter.
+* `{counter}:leases` — ZSET scored by expiry on Redis's clock: `<request_id>` for a live lease,
+  `x:<request_id>` for a tombstone.
+* `{prefix}settled:{request_id}` — STRING marker, only for a request that counts against no
+  budget (it has no lease to make its settle idempotent), kept `NO_COUNTER_MARKER_TTL`.
 
 Counters expire `KEY_GRACE_SECONDS` after their calendar period ends (rolling: after a full window
-without writes). Every script first purges the expired leases of the counters it touches.
-All keys of one call are passed as KEYS; for Redis Cluster they would need a common hash tag.
+without writes). Every script first purges the expired leases of the counters it touches: a lease
+that expired without a settle is charged (its gateway died or lost Redis after forwarding).
+All keys of one call are passed as KEYS, except the rollup and stream keys an expiry writes (held
+in the lease's meta); for Redis Cluster they would need a common hash tag.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
-SETTLED_MARKER_TTL = 7 * 86400
-"""How long a settled request_id is remembered; a settle retried later than this would charge again."""
+NO_COUNTER_MARKER_TTL = 86400
+"""How long a request that counts against no budget is remembered as settled: its settle can be
+retried (from the outbox) within this time without being rolled up twice."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,8 @@ class UsageWrite:
     stream_key: str
     ttl: int
     stream_maxlen: int
-    record_json: bytes
+    stream_max_age_ms: int
+    record_json: bytes  # the record as a JSON object without its closing brace: the script adds "settlement"
     increments: tuple[tuple[str, int], ...]
 
 
@@ -61,6 +70,10 @@ class CounterRef:
     def bucket_index(self, now: float) -> int:
         return math.floor(now / self.bucket_seconds) if self.n_buckets else 0
 
+    def window_args(self) -> list[int]:
+        """How a script finds the counter's window on its own clock: buckets and their seconds (0, 0: calendar)."""
+        return [self.n_buckets, self.bucket_seconds or 1]
+
     def ttl(self, now: float, grace: int) -> int:
         """Relative TTL (computed on the engine clock, so tests with a fake clock do not expire keys early)."""
         if self.n_buckets:
@@ -83,6 +96,7 @@ class CounterState:
 class ReserveResult:
     ok: bool
     states: list[CounterState]
+    now: float = 0.0  # the clock the script used (Redis's, unless the engine has its own)
 
 
 def _script_text(name: str) -> str:
@@ -100,8 +114,9 @@ def _keys(counters: list[CounterRef]) -> list[str]:
     return out
 
 
-def _num(now: float) -> str:
-    return repr(float(now))
+def _num(now: float | None) -> str:
+    """A script's `now` argument: '' makes the script use Redis's own clock."""
+    return "" if now is None else repr(float(now))
 
 
 class BudgetStore:
@@ -135,49 +150,72 @@ class BudgetStore:
         *,
         request_id: str,
         cost: int,
-        now: float,
+        now: float | None,
+        ttl_now: float,
         lease_seconds: float,
+        meta: bytes = b"",
     ) -> ReserveResult:
-        """Reserve `cost` on every counter if no enforce counter would exceed its limit; else reserve nothing."""
-        args: list[Any] = [_num(now), request_id, _num(now + lease_seconds), int(cost), len(counters)]
+        """Reserve `cost` on every counter if no enforce counter would exceed its limit; else reserve nothing.
+
+        `now` is the script's clock (None: Redis's); `ttl_now` the engine's, for key TTLs. `meta`
+        (see extproc/usage.py `lease_meta`) lets an expiry of this lease roll up and record its charge.
+        """
+        args: list[Any] = [_num(now), request_id, repr(float(lease_seconds)), int(cost), len(counters), meta]
         for c, limit, enf in zip(counters, limits, enforce, strict=True):
             until = "" if c.period_end is None else f"{c.period_end:.0f}"
-            args += [int(limit), 1 if enf else 0, c.ttl(now, self.grace), c.bucket_index(now), c.n_buckets, until]
-        ok, rows = await self._run("reserve", _keys(counters), args)
+            args += [int(limit), 1 if enf else 0, c.ttl(ttl_now, self.grace), *c.window_args(), until]
+        ok, rows, script_now = await self._run("reserve", _keys(counters), args)
         states = [
             CounterState(int(spent), int(reserved), bool(int(over)), tuple(int(b) for b in buckets))
             for spent, reserved, over, buckets in rows
         ]
-        return ReserveResult(bool(int(ok)), states)
+        return ReserveResult(bool(int(ok)), states, float(script_now))
 
-    async def settle(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float,
-                     usage: "UsageWrite | None" = None) -> bool:
-        """Charge `actual` once per request_id and drop its leases; False if it was already settled.
+    async def settle(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float | None,
+                     ttl_now: float, usage: "UsageWrite | None" = None) -> str:
+        """Charge `actual` once per request_id and drop its leases; returns the script's outcome:
+        settled | settled_after_expiry | recorded (no counters) | duplicate (already settled).
 
         With `usage`, the same atomic call rolls the request into the day's usage totals and
         appends its attribution record to the stream (see extproc/usage.py).
         """
-        args: list[Any] = [_num(now), request_id, int(actual), SETTLED_MARKER_TTL, len(counters)]
+        keys, args = self.settle_call(counters, request_id=request_id, actual=actual, now=now, ttl_now=ttl_now,
+                                      usage=usage)
+        return await self.replay_settle(keys, args)
+
+    def settle_call(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float | None,
+                    ttl_now: float, usage: "UsageWrite | None" = None) -> tuple[list[str], list[Any]]:
+        """The settle script's KEYS and ARGV: what the outbox keeps when Redis cannot take them."""
+        args: list[Any] = [_num(now), request_id, int(actual), len(counters)]
         for c in counters:
-            args += [c.ttl(now, self.grace), c.bucket_index(now), c.n_buckets]
-        keys = [f"{self.prefix}settled:{request_id}", *_keys(counters)]
+            args += [c.ttl(ttl_now, self.grace), *c.window_args()]
+        keys = _keys(counters)
         if usage is None:
             args.append(0)
         else:
-            keys += [usage.usage_key, usage.stream_key]
-            args += [1, usage.ttl, usage.stream_maxlen, usage.record_json, len(usage.increments)]
+            keys += [f"{self.prefix}settled:{request_id}", usage.usage_key, usage.stream_key]
+            args += [1, usage.ttl, usage.stream_maxlen, usage.stream_max_age_ms, NO_COUNTER_MARKER_TTL,
+                     usage.record_json, len(usage.increments)]
             for field, inc in usage.increments:
                 args += [field, int(inc)]
-        return bool(int(await self._run("settle", keys, args)))
+        return keys, args
 
-    async def release(self, counters: list[CounterRef], *, request_id: str, now: float) -> int:
+    async def replay_settle(self, keys: list[str], args: list[Any]) -> str:
+        """Run a settle the outbox kept (idempotent: a settle that did land is a duplicate)."""
+        outcome, _ = await self._run("settle", keys, args)
+        return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+
+    async def release(self, counters: list[CounterRef], *, request_id: str, now: float | None) -> int:
         """Drop request_id's leases; returns how many were still live."""
-        return int(await self._run("release", _keys(counters), [_num(now), request_id, len(counters)]))
+        args: list[Any] = [_num(now), request_id, len(counters)]
+        for c in counters:
+            args += c.window_args()
+        return int(await self._run("release", _keys(counters), args))
 
-    async def read(self, counters: list[CounterRef], *, now: float) -> list[CounterState]:
+    async def read(self, counters: list[CounterRef], *, now: float | None) -> list[CounterState]:
         """Spent and reserved of each counter right now."""
         args: list[Any] = [_num(now), len(counters)]
         for c in counters:
-            args += [c.bucket_index(now), c.n_buckets]
+            args += c.window_args()
         rows = await self._run("read", _keys(counters), args)
         return [CounterState(int(s), int(r), False, tuple(int(b) for b in bs)) for s, r, bs in rows]

@@ -58,7 +58,7 @@ class Messages(Api):
                 usage.input_tokens = max(usage.input_tokens, as_int(u.get("input_tokens")))
                 usage.cached_input_tokens = max(usage.cached_input_tokens, as_int(u.get("cache_read_input_tokens")))
                 usage.cache_write_tokens = max(usage.cache_write_tokens, as_int(u.get("cache_creation_input_tokens")))
-                state.usage = usage
+                state.usage, state.usage_final = usage, True
         elif kind == "message_stop":
             state.done = True
         elif kind == "error":

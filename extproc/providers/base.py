@@ -40,6 +40,7 @@ class StreamState:
     output_deltas: int = 0  # content deltas seen: every delta holds at least one token (a floor)
     output_estimate: int = 0  # sum of `delta_tokens` over the deltas: what a cut-short stream is charged
     done: bool = False  # the provider's own end-of-response event arrived
+    usage_final: bool = False  # the provider's final usage arrived (it may come before `done`)
     error: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

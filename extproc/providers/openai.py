@@ -46,7 +46,7 @@ class ChatCompletions(Api):
                 count_delta(state, _delta_text(delta))
         usage = self.usage_from_json(obj)
         if usage is not None:
-            state.usage = usage
+            state.usage, state.usage_final = usage, True
 
 
 class Responses(Api):
@@ -72,7 +72,7 @@ class Responses(Api):
                 state.done = True
                 usage = self.usage_from_json(resp)
                 if usage is not None:
-                    state.usage = usage
+                    state.usage, state.usage_final = usage, True
                 if kind == "response.failed" and isinstance(resp.get("error"), dict):
                     state.error = resp["error"]
         if kind == "error":

@@ -14,13 +14,18 @@ class SSEParser:
     multiple `data:` lines with `\n`. Comment lines (`:` first) and unknown fields are skipped.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "ends")
 
     def __init__(self) -> None:
         self._buf = b""
+        self.ends: list[int] = []
+        """After `feed`: for each event returned, the offset in the chunk just past its blank line
+        (where a cut keeps that event whole), or -1 when the chunk used CR line ends."""
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        held = len(self._buf)
         buf = self._buf + chunk
+        self.ends = []
         # A trailing "\r" may be the first half of "\r\n": keep it for the next chunk.
         hold = b""
         if buf.endswith(b"\r"):
@@ -32,11 +37,15 @@ class SSEParser:
             self._buf = buf + hold
             return []
         self._buf = buf[end + 2 :] + hold
+        exact = b"\r" not in chunk and b"\r" not in buf[:held]
         events = []
+        pos = 0
         for block in buf[:end].split(b"\n\n"):
+            pos += len(block) + 2
             ev = _parse_block(block)
             if ev is not None:
                 events.append(ev)
+                self.ends.append(pos - held if exact else -1)
         return events
 
     @property

@@ -162,7 +162,10 @@ async def test_shadow_and_enforce_together(make_engine: Callable[..., BudgetEngi
     assert b.decision == "blocked" and b.blocking and b.blocking.name == "real"
 
 
-async def test_lease_expiry_frees_and_late_settle_still_charges(make_engine: Callable[..., BudgetEngine], clock: FakeClock) -> None:
+async def test_expired_lease_becomes_a_charge_and_a_late_settle_corrects_it(make_engine: Callable[..., BudgetEngine], clock: FakeClock) -> None:
+    """A lease that outlives its gateway was forwarded as far as anyone knows: it expires into a
+    charge of the reservation (never a refund that would let the budget overspend), and a settle
+    that comes late after all replaces that charge by the real cost."""
     e = make_engine({"name": "d", "limit_usd": 1, "window": DAY})
     clock.set("2026-11-28T10:00:00")
     r1 = await admit(e, "r1", max_output_tokens=tokens_for(0.8), lease_seconds=30)
@@ -170,11 +173,26 @@ async def test_lease_expiry_frees_and_late_settle_still_charges(make_engine: Cal
     r2 = await admit(e, "r2", max_output_tokens=tokens_for(0.5))
     assert r2.decision == "blocked" and r2.blocking and r2.blocking.reserved_nusd == usd_to_nusd(0.8)
     clock.advance(30)  # the gateway holding r1 "crashed"; its lease is over
-    r2 = await admit(e, "r2", max_output_tokens=tokens_for(0.5))
-    assert r2.decision == "allowed"
-    assert await e.settle(r1, usd_to_nusd(0.3)) == "settled"  # after expiry: still charged
     (st,) = await e.status({})
-    assert (st.spent_nusd, st.reserved_nusd) == (usd_to_nusd(0.3), usd_to_nusd(0.5))
+    assert (st.spent_nusd, st.reserved_nusd) == (usd_to_nusd(0.8), 0)
+    r2 = await admit(e, "r2", max_output_tokens=tokens_for(0.5))
+    assert r2.decision == "blocked"  # $0.80 charged + $0.50 > $1: the cap holds
+    r3 = await admit(e, "r3", max_output_tokens=tokens_for(0.1))
+    assert r3.decision == "allowed"
+    assert await e.settle(r1, usd_to_nusd(0.3)) == "settled_after_expiry"  # the real cost after all
+    assert await e.settle(r1, usd_to_nusd(0.3)) == "duplicate"
+    (st,) = await e.status({})
+    assert (st.spent_nusd, st.reserved_nusd) == (usd_to_nusd(0.3), usd_to_nusd(0.1))
+
+
+async def test_release_after_expiry_refunds_the_charge(make_engine: Callable[..., BudgetEngine], clock: FakeClock) -> None:
+    e = make_engine({"name": "d", "limit_usd": 1, "window": {"rolling": "1h"}})
+    clock.set("2026-11-28T10:00:00")
+    r1 = await admit(e, "r1", max_output_tokens=tokens_for(0.4), lease_seconds=30)
+    clock.advance(31)
+    assert [(s.spent_nusd, s.reserved_nusd) for s in await e.status({})] == [(usd_to_nusd(0.4), 0)]
+    assert await e.release(r1) == "released"
+    assert [(s.spent_nusd, s.reserved_nusd) for s in await e.status({})] == [(0, 0)]
 
 
 async def test_settle_is_idempotent_and_release_frees(make_engine: Callable[..., BudgetEngine]) -> None:

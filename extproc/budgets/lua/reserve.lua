@@ -1,16 +1,21 @@
--- Reserve `cost` on every counter, all or nothing.
--- KEYS: h1, z1, h2, z2, ...   ARGV: now, request_id, lease_expiry, cost, n, then per counter: limit, enforce(1|0), ttl, idx, nb, until
--- (`limit` and `until`, the calendar period's end or '' for rolling, are kept in the hash for `tollgate budgets`)
--- Returns {ok, {spent, reserved, over, buckets}, ...}: the state before this reservation (excluding an earlier
--- lease of the same request_id, which is replaced), over = 1 if spent + reserved + cost > limit.
--- buckets (rolling only) are returned for over-limit counters so the caller can compute retry_after.
-local now, rid, expiry, cost, n = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local ok, out, prev = 1, {}, {}
+-- Reserve `cost` on every counter, all or nothing, as a lease of `lease_seconds` on Redis's clock.
+-- KEYS: h1, z1, h2, z2, ...
+-- ARGV: now ('' = Redis TIME), request_id, lease_seconds, cost, n, meta ('' = none; kept on the first
+--       counter so an expired lease can still be recorded), then per counter: limit, enforce(1|0), ttl,
+--       nb, bs, until   (`limit` and `until`, the calendar period's end or '' for rolling, are kept in
+--       the hash for `tollgate budgets`)
+-- Returns {ok, {{spent, reserved, over, buckets}, ...}, now}: the state before this reservation
+-- (excluding an earlier lease of the same request_id, which is replaced), over = 1 if
+-- spent + reserved + cost > limit; buckets (rolling only) for over-limit counters, for retry_after.
+local now, rid, lease, cost, n, meta = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+local ok, out, prev, cs = 1, {}, {}, {}
 for i = 1, n do
-  local h, z, a = KEYS[2 * i - 1], KEYS[2 * i], 5 + (i - 1) * 6
-  local limit, enforce, idx, nb = tonumber(ARGV[a + 1]), ARGV[a + 2] == '1', tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
-  purge(h, z, now)
-  local spent, buckets = spent_of(h, idx, nb)
+  local h, a = KEYS[2 * i - 1], 6 + (i - 1) * 6
+  local c = {z = KEYS[2 * i], now = now, nb = tonumber(ARGV[a + 4]), bs = tonumber(ARGV[a + 5])}
+  cs[i] = c
+  local limit, enforce = tonumber(ARGV[a + 1]), ARGV[a + 2] == '1'
+  purge(h, c)
+  local spent, buckets = spent_of(h, c)
   prev[i] = num(redis.call('HGET', h, 'r:' .. rid))
   local reserved = num(redis.call('HGET', h, 'reserved')) - prev[i]
   local over = 0
@@ -24,13 +29,14 @@ for i = 1, n do
 end
 if ok == 1 then
   for i = 1, n do
-    local h, z, a = KEYS[2 * i - 1], KEYS[2 * i], 5 + (i - 1) * 6
+    local h, a = KEYS[2 * i - 1], 6 + (i - 1) * 6
     local ttl = ARGV[a + 3]
     redis.call('HSET', h, 'r:' .. rid, I(cost), 'limit', ARGV[a + 1], 'until', ARGV[a + 6])
+    if i == 1 and meta ~= '' then redis.call('HSET', h, 'm:' .. rid, meta) end
     if cost ~= prev[i] then redis.call('HINCRBY', h, 'reserved', I(cost - prev[i])) end
-    redis.call('ZADD', z, expiry, rid)
+    redis.call('ZADD', cs[i].z, now + lease, rid)
     redis.call('EXPIRE', h, ttl)
-    redis.call('EXPIRE', z, ttl)
+    redis.call('EXPIRE', cs[i].z, ttl)
   end
 end
-return {ok, out}
+return {ok, out, tostring(now)}

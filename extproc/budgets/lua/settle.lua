@@ -1,38 +1,54 @@
--- Replace request_id's leases by its real cost, once: a marker key makes a retried settle a no-op.
--- Charges even when the lease already expired (accounting is never lost).
--- KEYS: marker, h1, z1, h2, z2, ..., [usage, stream]
--- ARGV: now, request_id, actual, marker_ttl, n, then per counter: ttl, idx, nb,
---       then usage flag (0|1) and, with 1: usage_ttl, stream_maxlen, record_json, m, m x (field, increment)
--- With usage, the same call rolls the request up into the day's usage hash and appends its
--- attribution record to the stream, so reports and budgets can never disagree.
--- Returns 1 if charged, 0 if this request_id was already settled.
-local now, rid, actual, marker_ttl, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
-local first = redis.call('SET', KEYS[1], I(actual), 'NX', 'EX', marker_ttl)
+-- Replace request_id's leases by its real cost, once; with usage, roll it up and record it in the
+-- same atomic call, so reports, records and budgets can never disagree.
+-- Idempotent without a per-request key: a counter is charged only while it still holds the
+-- request's lease, or the tombstone its lease left when it expired into a charge of the
+-- reservation (then only the difference is charged, and the expiry's rollup is taken back).
+-- A settle with no counters (no budget applies) uses a short-lived marker key instead.
+-- KEYS: h1, z1, ..., hn, zn, then with usage: marker, usage_key, stream_key
+-- ARGV: now ('' = Redis TIME), request_id, actual, n, per counter: ttl, nb, bs,
+--       then usage flag (0|1) and, with 1: usage_ttl, stream_maxlen, min_id_age_ms, marker_ttl,
+--       record (JSON object without its closing brace: the script adds "settlement"), m, m x (field, increment)
+-- Returns {outcome, now}: settled | settled_after_expiry | recorded | duplicate
+local now, rid, actual, n = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local first_state, first_amount, first_h = 'none', 0, nil
 for i = 1, n do
-  local h, z, a = KEYS[2 * i], KEYS[2 * i + 1], 5 + (i - 1) * 3
-  local ttl, idx, nb = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  purge(h, z, now)
-  drop_lease(h, z, rid)
-  if first and actual ~= 0 then
-    if nb == 0 then
-      redis.call('HINCRBY', h, 'spent', I(actual))
-    else
-      prune(h, idx - nb + 1)
-      redis.call('HINCRBY', h, 'b:' .. I(idx), I(actual))
+  local h, a = KEYS[2 * i - 1], 4 + (i - 1) * 3
+  local c = {z = KEYS[2 * i], now = now, nb = tonumber(ARGV[a + 2]), bs = tonumber(ARGV[a + 3])}
+  purge(h, c)
+  local state, amount = take(h, c, rid)
+  if state == 'lease' then
+    add_spent(h, c, actual)
+  elseif state == 'expired' then
+    add_spent(h, c, actual - amount)
+  end
+  if i == 1 then first_state, first_amount, first_h = state, amount, h end
+  redis.call('EXPIRE', h, ARGV[a + 1])
+  redis.call('EXPIRE', c.z, ARGV[a + 1])
+end
+local outcome
+if n == 0 then
+  outcome = 'recorded'
+elseif first_state == 'lease' then
+  outcome = 'settled'
+elseif first_state == 'expired' then
+  outcome = 'settled_after_expiry'
+else
+  outcome = 'duplicate'
+end
+local u = 5 + 3 * n
+if ARGV[u] == '1' and outcome ~= 'duplicate' then
+  local marker, ukey, skey = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3]
+  if n == 0 and not redis.call('SET', marker, '1', 'NX', 'EX', ARGV[u + 4]) then
+    outcome = 'duplicate'
+  else
+    if outcome == 'settled_after_expiry' then unexpire_rollup(first_h, rid, first_amount) end
+    local m = tonumber(ARGV[u + 6])
+    for j = 1, m do
+      redis.call('HINCRBY', ukey, ARGV[u + 5 + 2 * j], ARGV[u + 6 + 2 * j])
     end
+    if m > 0 then redis.call('EXPIRE', ukey, ARGV[u + 1]) end
+    append_record(skey, ARGV[u + 2], ARGV[u + 3], now, ARGV[u + 5] .. ',"settlement":"' .. outcome .. '"}')
   end
-  redis.call('EXPIRE', h, ttl)
-  redis.call('EXPIRE', z, ttl)
 end
-local u = 6 + 3 * n
-if ARGV[u] == '1' and first then
-  local ukey, skey = KEYS[2 * n + 2], KEYS[2 * n + 3]
-  local m = tonumber(ARGV[u + 4])
-  for j = 1, m do
-    redis.call('HINCRBY', ukey, ARGV[u + 3 + 2 * j], ARGV[u + 4 + 2 * j])
-  end
-  if m > 0 then redis.call('EXPIRE', ukey, ARGV[u + 1]) end
-  redis.call('XADD', skey, 'MAXLEN', '~', ARGV[u + 2], '*', 'record', ARGV[u + 3])
-end
-if first then return 1 end
-return 0
+if first_h ~= nil then redis.call('HDEL', first_h, 'm:' .. rid) end
+return {outcome, tostring(now)}

@@ -1,0 +1,81 @@
+"""The attribution record: one per request, the single source for "who spent what".
+
+Fields are added, never renamed, so log pipelines keep working. Finance reconciles with one rule:
+per `request_id`, the last record wins (a lease that expired into a charge is recorded by Redis
+as `settlement: lease_expired`; if the real settle comes later, its record supersedes it), and the
+sum of `cost_nusd` over those equals the budget counters and the usage rollups.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from ..pricing import NANO_PER_USD, Usage
+from .context import RequestContext
+
+
+def _identity(ctx: RequestContext) -> dict[str, Any]:
+    i = ctx.identity
+    return {
+        "user": i.user if i else None,
+        "email": i.email if i else None,
+        "groups": list(i.groups) if i else [],
+        "team": i.team if i else None,
+        "app": i.app if i else None,
+        "service_token": i.service_token if i else None,
+        "auth_source": i.source if i else None,
+    }
+
+
+def _request(ctx: RequestContext) -> dict[str, Any]:
+    adm = ctx.admission
+    return {
+        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "request_id": ctx.request_id,
+        "envoy_request_id": ctx.envoy_request_id,
+        **_identity(ctx),
+        "metadata": ctx.metadata,
+        "api": ctx.api.name if ctx.api else None,
+        "provider": ctx.provider,
+        "model_requested": ctx.req.model if ctx.req else None,
+        "model_served": ctx.model_served,
+        "decision": ctx.decision,
+        "reason": ctx.decision_reason,
+        "budgets": adm.budgets if adm else [],
+        "warnings": [w.name for w in adm.warnings] if adm else [],
+        "shadow_blocked": [st.name for st in adm.shadow_blocked] if adm else [],
+        "reserved_usd": adm.reserved_nusd / NANO_PER_USD if adm else 0.0,
+        "budget_store_error": bool(adm and adm.store_error),
+        "stream": ctx.streamed,
+    }
+
+
+def lease_record(ctx: RequestContext) -> dict[str, Any]:
+    """What is known at admission: the record Redis writes if the lease expires unsettled (it
+    adds settlement, end, estimate, complete and the cost)."""
+    return _request(ctx)
+
+
+def build_record(ctx: RequestContext, usage: Usage | None, cost_nusd: int, *, complete: bool, end: str,
+                 estimate: str | None = None, overrun_nusd: int = 0) -> dict[str, Any]:
+    """The record of a request that ended (settled, released or refused). It carries no
+    `settlement`: the settle script adds what happened, and the caller adds it for the sinks."""
+    u = usage or Usage()
+    return {
+        **_request(ctx),
+        "error_code": ctx.error_code,
+        "complete": complete,
+        "end": end,
+        "estimate": estimate,
+        "overrun_usd": overrun_nusd / NANO_PER_USD,
+        "input_tokens": u.input_tokens,
+        "cached_input_tokens": u.cached_input_tokens,
+        "cache_write_tokens": u.cache_write_tokens,
+        "output_tokens": u.output_tokens,
+        "cost_usd": cost_nusd / NANO_PER_USD,
+        "cost_nusd": cost_nusd,
+        "status": ctx.status,
+        "latency_ms": round((time.monotonic() - ctx.started) * 1000, 3),
+    }

@@ -1,0 +1,152 @@
+"""The end of a request: its reservation settled, or released, exactly once, and its record written.
+
+Every way a request can end comes through here:
+
+* `finish(end)`  the response ended (`completed`), the live cap stopped it (`budget_cap`), or the
+                 stream went away after forwarding (`interrupted`, from `close`): settle with the
+                 meter's cost, real or estimated, in one Redis call with the rollup and the record.
+* `refuse(err)`  the gateway answers the client itself: record it (on the sinks only: refusals
+                 write nothing per request to Redis), releasing a lease if one was already held.
+* `close()`      the gRPC stream ended, however: whatever is still open is resolved. A reserve
+                 still running (the client left mid-admission) is awaited and released; a lease
+                 never forwarded is released; a forwarded request is settled as `interrupted`.
+
+The Redis work runs in a task of its own that the caller awaits through `asyncio.shield`, so a
+cancel arriving at that await (grpc.aio cancels a stream's handler when Envoy resets it) cannot
+stop it halfway. A settle Redis cannot take goes to the outbox (budgets/outbox.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from ..errors import GatewayError
+from ..usage import usage_write
+from .context import RequestContext, State
+from .meters import JsonMeter, Metered, SseMeter
+from .record import build_record
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+log = logging.getLogger("tollgate.settler")
+
+_BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def run_protected(coro: Coroutine[Any, Any, Any]) -> "asyncio.Future[Any]":
+    """Run `coro` in its own task, kept referenced until done, and return a shield of it: the
+    caller may be cancelled while waiting, the work is not."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return asyncio.shield(task)
+
+
+async def drain(timeout: float = 5.0) -> None:
+    """Wait for settles still running (at shutdown, before Redis is closed)."""
+    if _BACKGROUND:
+        await asyncio.wait(list(_BACKGROUND), timeout=timeout)
+
+
+class Settler:
+    def __init__(self, gw: "Gateway", ctx: RequestContext) -> None:
+        self.gw = gw
+        self.ctx = ctx
+        self.meter: JsonMeter | SseMeter | None = None
+        self.record: dict[str, Any] | None = None
+
+    # ---- the ways a request ends -----------------------------------------------------------
+    async def finish(self, end: str = "completed") -> dict[str, Any]:
+        """Settle a forwarded request (once; later calls return the first record)."""
+        if self.ctx.state is not State.FORWARDED:
+            return self.record or {}
+        self.ctx.to(State.SETTLED)
+        return await run_protected(self._settle(end))
+
+    async def refuse(self, err: GatewayError) -> dict[str, Any]:
+        """Record a request the gateway answered itself; drop a lease it held."""
+        ctx = self.ctx
+        ctx.status = err.status
+        ctx.decision = "blocked" if err.type == "budget_exceeded" else "refused"
+        if ctx.decision == "blocked" and ctx.admission is not None:
+            ctx.decision_reason = ctx.admission.reason or None
+        ctx.error_code = err.code or err.type
+        held = ctx.holds_lease
+        if ctx.state is State.RESERVED:
+            ctx.to(State.RELEASED)
+        elif not ctx.state.terminal:
+            ctx.to(State.REFUSED)
+        if held:
+            await run_protected(self._release())
+        record = build_record(ctx, None, 0, complete=True, end="refused")
+        record["settlement"] = "released" if held else None
+        self._emit(record)
+        return record
+
+    async def close(self) -> None:
+        """The gRPC stream ended: resolve whatever is still open."""
+        ctx = self.ctx
+        if ctx.state is State.ADMITTING and ctx.pending_admit is not None:
+            await run_protected(self._after_cancelled_admit(ctx.pending_admit))
+        elif ctx.state is State.RESERVED:
+            ctx.to(State.RELEASED)
+            await run_protected(self._release())
+        elif ctx.state is State.FORWARDED:
+            await self.finish("interrupted")
+
+    # ---- the Redis work ----------------------------------------------------------------
+    async def _after_cancelled_admit(self, task: "asyncio.Task[Any]") -> None:
+        ctx = self.ctx
+        try:
+            adm = await task
+        except Exception:
+            log.exception("admission of %s failed after its stream ended", ctx.request_id)
+            ctx.state = State.REFUSED
+            return
+        ctx.admission = adm
+        if adm.admitted and adm.counters:
+            ctx.state = State.RELEASED
+            await self._release()
+        else:
+            ctx.state = State.REFUSED
+        self.gw.metrics.lifecycle("cancelled_in_admission")
+
+    async def _release(self) -> None:
+        adm = self.ctx.admission
+        if adm is None or self.gw.budgets is None:
+            return
+        if await self.gw.budgets.release(adm) == "store_error":
+            self.gw.metrics.redis_error("release")
+
+    async def _settle(self, end: str) -> dict[str, Any]:
+        ctx = self.ctx
+        meter = self.meter or JsonMeter(ctx)
+        m: Metered = meter.result(end)
+        record = build_record(ctx, m.usage, m.cost_nusd, complete=m.complete, end=end, estimate=m.estimate,
+                              overrun_nusd=m.overrun_nusd)
+        settlement: str | None = None
+        engine = self.gw.budgets
+        if engine is not None:
+            counters = ctx.admission.counters if ctx.admission is not None else ()
+            # One atomic call: the real cost replaces the reservation (no usage, e.g. an upstream
+            # error, frees it), the day's usage rollup grows, and the record joins the stream.
+            settlement = await engine.account(ctx.request_id, counters, m.cost_nusd, usage=usage_write(
+                record, rollup=m.usage is not None, bound=ctx.config.stream_bound))
+            if settlement in ("queued", "store_error"):
+                self.gw.metrics.redis_error("settle")
+        record["settlement"] = settlement
+        if m.estimate is not None:
+            self.gw.metrics.lifecycle(f"estimated_{m.estimate}")
+        if m.overrun_nusd:
+            self.gw.metrics.lifecycle("overrun")
+        self.record = record
+        self._emit(record)
+        return record
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.gw.record(record)
