@@ -478,3 +478,299 @@ def test_output_token_count() -> None:
     assert output_token_count({"max_output_tokens": 100}, "responses", 31) == (31, False)
     assert output_token_count({"max_tokens": 4}, "responses", 31) == (31, False)
     assert output_token_count({}, "anthropic", 5, override=2) == (2, False)
+
+
+# ---------------------------------------------------------------------------- fault hooks, ledger
+
+import socket  # noqa: E402  (the fault-hook tests read the raw wire)
+from urllib.parse import urlsplit  # noqa: E402
+
+import orjson  # noqa: E402
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+from extproc.fakeprovider.server import build_app  # noqa: E402
+
+# one small request per generating endpoint: (path, body)
+ENDPOINTS = {
+    "chat": ("/v1/chat/completions", {"model": "gpt-4o", "messages": CHAT_MESSAGES}),
+    "responses": ("/v1/responses", {"model": "gpt-4o", "instructions": RESP_INSTR, "input": RESP_INPUT}),
+    "embeddings": ("/v1/embeddings", {"model": "text-embedding-3-small", "input": ["hello there", "again"]}),
+    "anthropic": ("/v1/messages", {"model": "claude-sonnet-4-6", "system": SYSTEM, "messages": ANT_MESSAGES,
+                                   "max_tokens": 1000}),
+}
+STREAMING = ("chat", "responses", "anthropic")
+
+
+def raw_post(base_url: str, path: str, body: dict, headers: dict[str, str] | None = None,
+             timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """POST over a bare socket and read until the server closes: ``(status, headers, raw body)``
+    with the body exactly as sent on the wire (chunked framing included), so a test sees what
+    an HTTP client library would hide or refuse."""
+    url = urlsplit(base_url)
+    data = orjson.dumps(body)
+    head = [f"POST {path} HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json",
+            f"Content-Length: {len(data)}", "Connection: close"]
+    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection((url.hostname, url.port), timeout=timeout) as sock:
+        sock.sendall("\r\n".join(head).encode() + b"\r\n\r\n" + data)
+        buf = b""
+        while chunk := sock.recv(65536):
+            buf += chunk
+    header_block, _, rest = buf.partition(b"\r\n\r\n")
+    lines = header_block.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+    return status, hdrs, rest
+
+
+def dechunk(raw: bytes) -> tuple[list[bytes], bool]:
+    """The data chunks of a chunked body and whether its terminating zero chunk arrived."""
+    chunks: list[bytes] = []
+    while raw:
+        size_line, sep, raw = raw.partition(b"\r\n")
+        if not sep:
+            return chunks, False
+        size = int(size_line, 16)
+        if size == 0:
+            return chunks, True
+        chunks.append(raw[:size])
+        raw = raw[size + 2:]
+    return chunks, False
+
+
+def output_of(api: str, answer: dict) -> int:
+    """The output tokens a JSON answer reports (embeddings have none)."""
+    if api == "embeddings":
+        return 0
+    return answer["usage"]["completion_tokens" if api == "chat" else "output_tokens"]
+
+
+def ledger(base_url: str, **filters: str) -> list[dict]:
+    r = httpx.get(base_url + "/_fake/ledger", params=filters)
+    assert r.status_code == 200
+    return r.json()
+
+
+def entry_for(base_url: str, fake_id: str) -> dict:
+    (entry,) = ledger(base_url, id=fake_id)
+    return entry
+
+
+def sse_payloads(text: str) -> list[tuple[str, dict | str]]:
+    """``(event name or "", parsed data)`` per SSE event; ``[DONE]`` stays a string."""
+    out: list[tuple[str, dict | str]] = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        name, data = "", ""
+        for ln in block.split("\n"):
+            if ln.startswith("event: "):
+                name = ln[len("event: "):]
+            elif ln.startswith("data: "):
+                data = ln[len("data: "):]
+        out.append((name, data if data == "[DONE]" else orjson.loads(data)))
+    return out
+
+
+def test_ledger_records_what_was_billed(base_url: str) -> None:
+    hdrs = {"x-fake-cache-read": "5", "x-fake-cache-write": "3", "x-request-id": "envoy-req-1"}
+    r = httpx.post(base_url + "/v1/chat/completions", json=ENDPOINTS["chat"][1], headers=hdrs)
+    fid = r.headers["x-fake-id"]
+    assert fid == r.json()["id"]
+    assert entry_for(base_url, fid) == {
+        "id": fid, "api": "chat", "model": "gpt-4o", "request_id": "envoy-req-1", "stream": False,
+        "input_tokens": CHAT_IN - 8, "output_tokens": CHAT_OUT, "cached": 5, "cache_write": 3,
+        "status": 200, "complete": True, "hooks": {"x-fake-cache-read": "5", "x-fake-cache-write": "3"}}
+    assert [e["id"] for e in ledger(base_url, request_id="envoy-req-1")] == [fid]
+
+    # Anthropic reports the same split on the wire; the ledger uses one convention for both
+    r = httpx.post(base_url + "/v1/messages", json=ENDPOINTS["anthropic"][1], headers=hdrs)
+    e = entry_for(base_url, r.headers["x-fake-id"])
+    assert (e["input_tokens"], e["cached"], e["cache_write"]) == (r.json()["usage"]["input_tokens"], 5, 3)
+    assert e["output_tokens"] == r.json()["usage"]["output_tokens"] == ANT_OUT
+
+    # a stream bills the token events it wrote; embeddings bill input only
+    r = httpx.post(base_url + "/v1/responses", json={**ENDPOINTS["responses"][1], "stream": True},
+                   headers={"x-fake-output-tokens": "7"})
+    e = entry_for(base_url, r.headers["x-fake-id"])
+    assert (e["api"], e["stream"], e["output_tokens"], e["complete"]) == ("responses", True, 7, True)
+    r = httpx.post(base_url + "/v1/embeddings", json=ENDPOINTS["embeddings"][1])
+    e = entry_for(base_url, r.headers["x-fake-id"])
+    assert (e["input_tokens"], e["output_tokens"]) == (r.json()["usage"]["prompt_tokens"], 0)
+
+    # errors bill nothing but are served, so they are recorded; count_tokens is free and is not
+    r = httpx.post(base_url + "/v1/messages", json=ENDPOINTS["anthropic"][1], headers={"x-fake-status": "529"})
+    e = entry_for(base_url, r.headers["x-fake-id"])
+    assert (e["status"], e["input_tokens"], e["output_tokens"], e["model"]) == (529, 0, 0, "claude-sonnet-4-6")
+    r = httpx.post(base_url + "/v1/chat/completions", content=b"{nope")
+    assert entry_for(base_url, r.headers["x-fake-id"])["status"] == 400
+    before = len(ledger(base_url))
+    r = httpx.post(base_url + "/v1/messages/count_tokens", json=ENDPOINTS["anthropic"][1])
+    assert r.status_code == 200 and "x-fake-id" not in r.headers
+    assert len(ledger(base_url)) == before
+
+
+def test_ledger_counts_a_cut_stream_up_to_the_cut(base_url: str) -> None:
+    body = {**ENDPOINTS["anthropic"][1], "stream": True}
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(base_url + "/v1/messages", json=body, headers={"x-fake-cut-after": "3", "x-request-id": "cut-1"})
+    (e,) = ledger(base_url, request_id="cut-1")
+    assert (e["output_tokens"], e["complete"]) == (3, False)
+
+
+async def test_ledger_clear_and_bound() -> None:
+    """In-process, with aiohttp's test client: DELETE clears, the size bound evicts the oldest."""
+    async with TestClient(TestServer(build_app(ledger_size=2))) as client:
+        ids = []
+        for _ in range(3):
+            r = await client.post("/v1/chat/completions", json=ENDPOINTS["chat"][1])
+            ids.append(r.headers["x-fake-id"])
+        r = await client.get("/_fake/ledger")
+        assert [e["id"] for e in await r.json()] == ids[1:]
+        assert r.headers["x-fake-ledger-dropped"] == "1"
+        r = await client.delete("/_fake/ledger")
+        assert r.status == 204
+        assert await (await client.get("/_fake/ledger")).json() == []
+
+
+@pytest.mark.parametrize("api", list(ENDPOINTS))
+def test_truncate_body(base_url: str, api: str) -> None:
+    path, body = ENDPOINTS[api]
+    status, hdrs, got = raw_post(base_url, path, body, {"x-fake-truncate-body": "10"})
+    assert status == 200 and hdrs["content-type"].startswith("application/json")
+    full = int(hdrs["content-length"])
+    assert full > 10 and got == got[:10] and len(got) == 10  # headers promise the whole body, 10 bytes came
+    _, _, whole = raw_post(base_url, path, body)
+    assert len(whole) == full  # the promised length is the real answer's
+    e = entry_for(base_url, hdrs["x-fake-id"])
+    assert (e["status"], e["complete"]) == (200, False)
+    assert e["output_tokens"] == output_of(api, orjson.loads(whole))
+
+
+def test_truncate_body_through_the_sdks(oai: openai.OpenAI, ant: anthropic.Anthropic) -> None:
+    with pytest.raises(openai.APIConnectionError):
+        oai.chat.completions.create(model="gpt-4o", messages=CHAT_MESSAGES, extra_headers={"x-fake-truncate-body": "0"})
+    with pytest.raises(STREAM_CUT_ERRORS):
+        ant.messages.create(model="claude-sonnet-4-6", messages=ANT_MESSAGES, max_tokens=10,
+                            extra_headers={"x-fake-truncate-body": "40"})
+
+
+def _strip_volatile(obj: object) -> object:
+    """``obj`` without what differs between two identical requests (ids, times) and usage."""
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in obj.items() if k not in ("id", "created", "created_at", "usage")}
+    if isinstance(obj, list):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+@pytest.mark.parametrize("api", list(ENDPOINTS))
+def test_omit_usage_json(base_url: str, api: str) -> None:
+    path, body = ENDPOINTS[api]
+    normal = httpx.post(base_url + path, json=body).json()
+    r = httpx.post(base_url + path, json=body, headers={"x-fake-omit-usage": "1"})
+    got = r.json()
+    if api == "responses":
+        assert got["usage"] is None  # the Responses schema marks absent usage with null
+    else:
+        assert "usage" not in got
+    assert _strip_volatile(got) == _strip_volatile(normal)  # otherwise exactly as usual
+    e = entry_for(base_url, r.headers["x-fake-id"])
+    assert e["output_tokens"] == output_of(api, normal)
+    assert e["input_tokens"] > 0 and e["hooks"] == {"x-fake-omit-usage": "1"}
+
+
+def test_omit_usage_streams(base_url: str) -> None:
+    omit = {"x-fake-omit-usage": "1"}
+    body = {**ENDPOINTS["chat"][1], "stream": True, "stream_options": {"include_usage": True}}
+    r = httpx.post(base_url + "/v1/chat/completions", json=body, headers=omit)
+    events = [d for _, d in sse_payloads(r.text)]
+    assert events[-1] == "[DONE]"
+    chunks = [d for d in events if isinstance(d, dict)]
+    assert all("usage" not in c and c["choices"] for c in chunks)  # no usage field, no usage chunk
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert entry_for(base_url, r.headers["x-fake-id"])["output_tokens"] == CHAT_OUT
+
+    r = httpx.post(base_url + "/v1/messages", json={**ENDPOINTS["anthropic"][1], "stream": True}, headers=omit)
+    events = dict(sse_payloads(r.text))
+    assert "usage" not in events["message_start"]["message"]
+    assert "usage" not in events["message_delta"] and events["message_delta"]["delta"]["stop_reason"] == "end_turn"
+    assert entry_for(base_url, r.headers["x-fake-id"])["output_tokens"] == ANT_OUT
+
+    r = httpx.post(base_url + "/v1/responses", json={**ENDPOINTS["responses"][1], "stream": True}, headers=omit)
+    events = sse_payloads(r.text)
+    assert events[-1][0] == "response.completed"
+    assert all(d["response"]["usage"] is None for _, d in events if "response" in d)
+    assert entry_for(base_url, r.headers["x-fake-id"])["output_tokens"] == RESP_OUT
+
+
+STALL_MS = 300
+
+
+@pytest.mark.parametrize("api", list(ENDPOINTS))
+def test_stall_json_sends_nothing_until_the_stall_ends(base_url: str, api: str) -> None:
+    path, body = ENDPOINTS[api]
+    hdrs = {"x-fake-stall-after-ms": str(STALL_MS), "x-request-id": f"stall-{api}"}
+    # a client whose timeout is shorter than the stall gets nothing at all, not even headers ...
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base_url + path, json=body, headers=hdrs, timeout=httpx.Timeout(5, read=STALL_MS / 3000))
+    # ... yet the provider did the work and billed it
+    (e,) = ledger(base_url, request_id=f"stall-{api}")
+    t0 = time.monotonic()
+    r = httpx.post(base_url + path, json=body, headers={"x-fake-stall-after-ms": str(STALL_MS)})
+    assert r.status_code == 200 and time.monotonic() - t0 >= STALL_MS / 1000
+    assert r.json()["model"] == body["model"]
+    assert e["input_tokens"] > 0 and e["output_tokens"] == output_of(api, r.json())
+    assert e["complete"] is False  # the first client had left when the answer was ready
+
+
+@pytest.mark.parametrize("api", STREAMING)
+def test_stall_stream_sends_every_event_then_holds_the_connection(base_url: str, api: str) -> None:
+    path, body = ENDPOINTS[api]
+    last_event = {"chat": b"data: [DONE]", "responses": b"event: response.completed",
+                  "anthropic": b"event: message_stop"}[api]
+    t0 = time.monotonic()
+    seen = b""
+    with httpx.stream("POST", base_url + path, json={**body, "stream": True},
+                      headers={"x-fake-stall-after-ms": str(STALL_MS)}) as r:
+        fid = r.headers["x-fake-id"]
+        body_chunks = r.iter_raw()
+        while last_event not in seen:
+            seen += next(body_chunks)
+        all_events_at = time.monotonic() - t0
+        assert entry_for(base_url, fid)["complete"] is False  # still open
+        for _ in body_chunks:
+            pass
+    ended_at = time.monotonic() - t0
+    assert all_events_at < STALL_MS / 1000 <= ended_at
+    assert entry_for(base_url, fid)["complete"] is True
+
+
+@pytest.mark.parametrize("api", STREAMING)
+def test_single_write_sends_the_whole_overrun_in_one_chunk(base_url: str, api: str) -> None:
+    path, body = ENDPOINTS[api]
+    body = {**body, "stream": True, ("max_output_tokens" if api == "responses" else "max_tokens"): 5}
+    overrun = {"x-fake-ignore-max-tokens": "1", "x-fake-output-tokens": "40", "x-fake-token-latency-ms": "2"}
+    # without the hook a paced stream is many chunks ...
+    _, _, raw = raw_post(base_url, path, body, overrun)
+    chunks, ended = dechunk(raw)
+    assert ended and len(chunks) > 40
+    # ... with it, the same events in one chunk, then the end of the body
+    status, hdrs, raw = raw_post(base_url, path, body, {**overrun, "x-fake-single-write": "1"})
+    assert status == 200 and hdrs["transfer-encoding"] == "chunked"
+    (chunk,), ended = dechunk(raw)
+    assert ended
+    assert len(sse_payloads(chunk.decode())) == len(sse_payloads(b"".join(chunks).decode()))
+    deltas = chunk.count(b"tok")
+    assert deltas >= 40  # the overrun past max_tokens=5 is all in it
+    e = entry_for(base_url, hdrs["x-fake-id"])
+    assert (e["output_tokens"], e["complete"]) == (40, True)
+
+
+def test_single_write_with_the_sdk(oai: openai.OpenAI) -> None:
+    chunks = list(oai.chat.completions.create(
+        model="gpt-4o", messages=CHAT_MESSAGES, stream=True, stream_options={"include_usage": True},
+        max_tokens=2, extra_headers={"x-fake-single-write": "1", "x-fake-ignore-max-tokens": "1",
+                                     "x-fake-output-tokens": "9"}))
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) == 9
+    assert chunks[-1].usage.completion_tokens == 9

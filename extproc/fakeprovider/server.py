@@ -1,7 +1,8 @@
 """A fake OpenAI / Anthropic upstream for the demo, the tests and the benchmarks.
 
 It speaks the wire formats the official ``openai`` and ``anthropic`` SDKs parse, answers
-deterministically, echoes the model it was asked for, and logs nothing per request.
+deterministically, echoes the model it was asked for, and logs nothing per request (it keeps a
+bounded in-memory ledger of what it billed, see below, so tests have an independent oracle).
 
 Endpoints
 ---------
@@ -51,12 +52,61 @@ Test hooks (request headers)
 * ``x-fake-cut-after: N`` (streams only): send the preamble events and N token events, then close
   the connection without finishing the chunked body: no final usage / stop events, and the
   client sees an incomplete body.
+* ``x-fake-truncate-body: N`` (non-streamed 200 answers): send the status and headers, with the
+  ``content-length`` of the *whole* body, then only the body's first N bytes, then drop the
+  connection: a provider connection lost mid-body after the provider did (and billed) the work.
+* ``x-fake-omit-usage: 1``: the same answer without usage. JSON: no ``usage`` key (Responses:
+  ``"usage": null``, as its schema marks absent usage). Streams: chat sends no ``usage`` field in
+  any chunk and no final usage chunk even with ``stream_options.include_usage``; Anthropic's
+  ``message_start`` message and ``message_delta`` carry no ``usage``; Responses'
+  ``response.completed`` has ``"usage": null``. The ledger still records the real tokens.
+* ``x-fake-stall-after-ms: MS`` (200 answers): JSON builds the whole answer (the work is done and
+  billed), then waits MS ms before sending anything, headers included, so a gateway's route
+  timeout fires after the provider finished. Streams send every event, then hold the connection
+  open MS ms before ending the body (or before the ``x-fake-cut-after`` drop).
+* ``x-fake-single-write: 1`` (streams): after the total token latency (as a non-streamed answer
+  waits), send every event and the end of the chunked body in ONE write, so a consumer sees the
+  whole stream, including an overrun past ``max_tokens`` (with ``x-fake-ignore-max-tokens`` and
+  ``x-fake-output-tokens``), in a single final chunk. With ``x-fake-stall-after-ms`` or
+  ``x-fake-cut-after`` the events are one write and the end (or drop) follows.
 * Every response echoes ``x-fake-authorization`` (the ``authorization`` header received, or ""),
   ``x-fake-api-key`` (the ``x-api-key`` header received, or ""), ``x-fake-model`` (the
   requested model, or "") and ``x-fake-header-names`` (the names of all request headers
   received, lower-case, sorted, comma-separated), so tests can prove what reached the provider.
+  The four generating endpoints also echo ``x-fake-id``: the id of the answer's ledger entry.
 
 Bad JSON or a missing ``model`` is a 400 in the provider's error shape.
+
+Ledger (what the provider billed)
+---------------------------------
+Every request to the four generating endpoints (chat completions, responses, embeddings,
+messages; errors included, ``count_tokens`` and ``/v1/models`` not) appends one entry, so a test
+can check a gateway's accounting against the provider's own count rather than against the
+gateway's parse of the answer. ``GET /_fake/ledger`` returns them as a JSON list, oldest first
+(``?id=...`` / ``?request_id=...`` filter on those fields); ``DELETE /_fake/ledger`` clears it
+(204). It keeps the last ``--ledger-size`` entries (default 100,000) so a benchmark cannot grow it
+without bound; the ``x-fake-ledger-dropped`` response header counts entries evicted so far.
+An entry::
+
+    {"id": "chatcmpl-fake...", "api": "chat", "model": "gpt-4o", "request_id": "<x-request-id>",
+     "stream": false, "input_tokens": 16, "output_tokens": 16, "cached": 0, "cache_write": 0,
+     "status": 200, "complete": true, "hooks": {"x-fake-omit-usage": "1"}}
+
+* ``id``: the answer's id (the body's ``id``; embeddings and errors get one of their own) and the
+  ``x-fake-id`` response header; ``request_id``: the ``x-request-id`` request header (Envoy's
+  id, which Tollgate records as ``envoy_request_id``), or "".
+* ``input_tokens`` is the *uncached* input: the input count minus ``cached`` (cache reads) minus
+  ``cache_write``, the convention of :class:`extproc.pricing.Usage`, so the billed cost is that
+  ``Usage(input_tokens, cached_input_tokens=cached, cache_write_tokens=cache_write,
+  output_tokens)`` priced.
+* ``output_tokens``: what the provider generated and billed: the whole answer for JSON (also
+  when truncated, stalled or its usage omitted), and for streams the token events actually
+  written, so it grows while a slow stream runs and stops at an ``x-fake-cut-after`` cut or a
+  client disconnect (a real provider stops generating then).
+* ``status``: the HTTP status sent; errors bill nothing (all token fields 0).
+* ``complete``: the whole body was handed to a live connection (false while a stream runs, and
+  after a cut, a truncation, or a client that went away before the answer was sent).
+* ``hooks``: every ``x-fake-*`` request header received, name to value.
 """
 
 from __future__ import annotations
@@ -68,7 +118,8 @@ import hashlib
 import itertools
 import struct
 import time
-from typing import Any
+from collections import deque
+from typing import Any, NoReturn
 
 import orjson
 from aiohttp import web
@@ -80,6 +131,7 @@ ANTHROPIC = "anthropic"
 
 _LATENCY_KEY = web.AppKey("token_latency_ms", float)
 _ids = itertools.count(1)
+DEFAULT_LEDGER_SIZE = 100_000
 
 MODELS = ("gpt-4o", "gpt-4o-mini", "o3-mini", "text-embedding-3-small", "claude-sonnet-4-6", "claude-haiku-4-5")
 
@@ -213,6 +265,66 @@ def embedding_vector(item: Any) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------
+# ledger
+# --------------------------------------------------------------------------------------------
+
+
+class Ledger:
+    """What the fake billed, one mutable entry per request, in memory and bounded.
+
+    Entries are dicts updated in place (a stream's ``output_tokens`` grows as it is written), so
+    a reader sees the provider's view at that moment."""
+
+    def __init__(self, maxlen: int = DEFAULT_LEDGER_SIZE) -> None:
+        self.entries: deque[dict[str, Any]] = deque(maxlen=max(1, maxlen))
+        self.dropped = 0
+
+    def add(self, entry: dict[str, Any]) -> dict[str, Any]:
+        if len(self.entries) == self.entries.maxlen:
+            self.dropped += 1
+        self.entries.append(entry)
+        return entry
+
+    def select(self, filters: dict[str, str]) -> list[dict[str, Any]]:
+        """Entries whose fields equal every ``filters`` value (only ``id`` and ``request_id``)."""
+        wanted = {k: v for k, v in filters.items() if k in ("id", "request_id")}
+        return [e for e in self.entries if all(e.get(k) == v for k, v in wanted.items())]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_LEDGER_KEY = web.AppKey("ledger", Ledger)
+
+
+def _hooks(request: web.Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-fake-")}
+
+
+def _new_entry(request: web.Request, api: str, model: str, status: int, stream: bool,
+               record: bool = True) -> dict[str, Any]:
+    """A ledger entry that bills nothing yet (the caller fills in the tokens), appended to the
+    ledger unless ``record`` is false (free endpoints such as ``count_tokens``)."""
+    entry = {
+        "id": "", "api": api, "model": model, "request_id": request.headers.get("x-request-id", ""),
+        "stream": stream, "input_tokens": 0, "output_tokens": 0, "cached": 0, "cache_write": 0,
+        "status": status, "complete": False, "hooks": _hooks(request),
+    }
+    return request.app[_LEDGER_KEY].add(entry) if record else entry
+
+
+async def ledger_get(request: web.Request) -> web.Response:
+    ledger = request.app[_LEDGER_KEY]
+    return web.Response(body=orjson.dumps(ledger.select(dict(request.query))), content_type="application/json",
+                        headers={"x-fake-ledger-dropped": str(ledger.dropped)})
+
+
+async def ledger_delete(request: web.Request) -> web.Response:
+    request.app[_LEDGER_KEY].clear()
+    return web.Response(status=204)
+
+
+# --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
 
@@ -230,18 +342,21 @@ def _int_header(request: web.Request, name: str) -> int | None:
         return None
 
 
-def _echo_headers(request: web.Request, model: str) -> dict[str, str]:
+def _echo_headers(request: web.Request, model: str, ledger_id: str = "") -> dict[str, str]:
     h = request.headers
-    return {
+    out = {
         "x-fake-authorization": h.get("authorization", ""),
         "x-fake-api-key": h.get("x-api-key", ""),
         "x-fake-model": model,
         "x-fake-header-names": ",".join(sorted({k.lower() for k in h.keys()})),
     }
+    if ledger_id:
+        out["x-fake-id"] = ledger_id
+    return out
 
 
-def _json(request: web.Request, model: str, payload: Any, status: int = 200) -> web.Response:
-    headers = _echo_headers(request, model)
+def _json(request: web.Request, model: str, payload: Any, status: int = 200, ledger_id: str = "") -> web.Response:
+    headers = _echo_headers(request, model, ledger_id)
     return web.Response(body=orjson.dumps(payload), status=status, content_type=_JSON, headers=headers)
 
 
@@ -281,59 +396,102 @@ def _error(request: web.Request, api: str, status: int, message: str, model: str
     return _json(request, model, error_body(api, status, message), status=status)
 
 
+def _billed_error(request: web.Request, api: str, status: int, message: str, model: str = "") -> web.Response:
+    """An error answer from a generating endpoint, with its (token-free) ledger entry."""
+    entry = _new_entry(request, api, model, status, stream=False)
+    entry["id"] = _new_id("err_fake")
+    entry["complete"] = True
+    return _json(request, model, error_body(api, status, message), status=status, ledger_id=entry["id"])
+
+
+def _ms_header(request: web.Request, name: str) -> float | None:
+    """A non-negative milliseconds header in seconds, or None when absent or malformed."""
+    v = request.headers.get(name)
+    if v is None:
+        return None
+    try:
+        return max(0.0, float(v)) / 1000.0
+    except ValueError:
+        return None
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    return request.headers.get(name, "") not in ("", "0")
+
+
 def _latency_s(request: web.Request) -> float:
-    v = request.headers.get("x-fake-token-latency-ms")
-    if v is not None:
-        try:
-            return max(0.0, float(v)) / 1000.0
-        except ValueError:
-            pass
-    return request.app[_LATENCY_KEY] / 1000.0
+    v = _ms_header(request, "x-fake-token-latency-ms")
+    return v if v is not None else request.app[_LATENCY_KEY] / 1000.0
 
 
 _CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 class _Ctx:
-    """Everything a handler needs about one parsed request."""
+    """Everything a handler needs about one parsed request, and its ledger entry."""
 
     __slots__ = ("request", "api", "body", "model", "input_tokens", "output_tokens", "capped",
-                 "cache_read", "cache_write", "stream", "latency", "cut_after")
+                 "cache_read", "cache_write", "stream", "latency", "cut_after", "truncate_body",
+                 "omit_usage", "stall", "single_write", "entry")
 
-    def __init__(self, request: web.Request, api: str, body: dict, body_len: int) -> None:
+    def __init__(self, request: web.Request, api: str, body: dict, body_len: int, billed: bool = True) -> None:
         self.request = request
         self.api = api
         self.body = body
         self.model = body["model"]
         self.input_tokens = count_input_tokens(body, api, body_len)
-        ignore_cap = request.headers.get("x-fake-ignore-max-tokens", "") not in ("", "0")
+        ignore_cap = _flag(request, "x-fake-ignore-max-tokens")
         self.output_tokens, self.capped = output_token_count(
             {k: v for k, v in body.items() if k not in _CAP_KEYS} if ignore_cap else body,
             api, self.input_tokens, _int_header(request, "x-fake-output-tokens"))
         self.cache_read, self.cache_write = cache_split(
             self.input_tokens, _int_header(request, "x-fake-cache-read") or 0,
             _int_header(request, "x-fake-cache-write") or 0)
-        self.stream = body.get("stream") is True
+        self.stream = body.get("stream") is True and api != EMBEDDINGS
         self.latency = _latency_s(request)
         self.cut_after = _int_header(request, "x-fake-cut-after")
+        self.truncate_body = _int_header(request, "x-fake-truncate-body")
+        self.omit_usage = _flag(request, "x-fake-omit-usage")
+        self.stall = _ms_header(request, "x-fake-stall-after-ms") or 0.0
+        self.single_write = _flag(request, "x-fake-single-write")
+        self.entry = self._bill(billed)
+
+    def _bill(self, record: bool) -> dict[str, Any]:
+        """The ledger entry: input billed now, output now for JSON, as written for streams."""
+        entry = _new_entry(self.request, self.api, self.model, 200, self.stream, record)
+        entry["input_tokens"] = self.input_tokens - self.cache_read - self.cache_write
+        entry["cached"] = self.cache_read
+        entry["cache_write"] = self.cache_write
+        entry["output_tokens"] = 0 if self.stream or self.api == EMBEDDINGS else self.output_tokens
+        return entry
+
+    def set_id(self, answer_id: str) -> str:
+        """Name the ledger entry after the answer's own id (call before answering)."""
+        self.entry["id"] = answer_id
+        return answer_id
+
+    def headers(self) -> dict[str, str]:
+        return _echo_headers(self.request, self.model, self.entry["id"])
 
 
-async def _parse(request: web.Request, api: str) -> _Ctx | web.Response:
-    """Parse the body, or answer an error (bad JSON, missing model, ``x-fake-status``)."""
+async def _parse(request: web.Request, api: str, billed: bool = True) -> _Ctx | web.Response:
+    """Parse the body, or answer an error (bad JSON, missing model, ``x-fake-status``); the
+    request gets a ledger entry unless ``billed`` is false."""
+    error = _billed_error if billed else _error
     raw = await request.read()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return _error(request, api, 400, "We could not parse the JSON body of your request.")
+        return error(request, api, 400, "We could not parse the JSON body of your request.")
     if not isinstance(body, dict):
-        return _error(request, api, 400, "The request body must be a JSON object.")
+        return error(request, api, 400, "The request body must be a JSON object.")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        return _error(request, api, 400, "model: field required")
+        return error(request, api, 400, "model: field required")
     status = _int_header(request, "x-fake-status")
     if status is not None and status >= 400:
-        return _error(request, api, status, f"fake provider error (x-fake-status: {status})", model)
-    return _Ctx(request, api, body, len(raw))
+        return error(request, api, status, f"fake provider error (x-fake-status: {status})", model)
+    return _Ctx(request, api, body, len(raw), billed)
 
 
 async def _sleep_total(ctx: _Ctx) -> None:
@@ -349,34 +507,101 @@ def _sse_event(name: str, obj: Any) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
+def _drop(request: web.Request) -> NoReturn:
+    """Close the socket mid-body and end the handler quietly: the client sees an incomplete body
+    (aiohttp treats the CancelledError as a premature disconnection and logs nothing)."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    raise asyncio.CancelledError()
+
+
+def _without_usage(api: str, payload: dict) -> dict:
+    """``payload`` as sent by ``x-fake-omit-usage``: no ``usage`` key (Responses: null)."""
+    if api == RESPONSES:
+        return {**payload, "usage": None}
+    return {k: v for k, v in payload.items() if k != "usage"}
+
+
+async def _answer(ctx: _Ctx, payload: dict) -> web.StreamResponse:
+    """Send a non-streamed 200 answer, applying the omit-usage, stall and truncate hooks; the
+    ledger entry already bills the whole answer (the provider did the work either way)."""
+    if ctx.omit_usage:
+        payload = _without_usage(ctx.api, payload)
+    body = orjson.dumps(payload)
+    if ctx.stall > 0:
+        await asyncio.sleep(ctx.stall)
+    if ctx.truncate_body is None:
+        transport = ctx.request.transport  # None once a client gave up during the stall
+        ctx.entry["complete"] = transport is not None and not transport.is_closing()
+        return web.Response(body=body, status=200, content_type=_JSON, headers=ctx.headers())
+    resp = web.StreamResponse(status=200, headers=ctx.headers())
+    resp.content_type = _JSON
+    resp.content_length = len(body)
+    await resp.prepare(ctx.request)  # sends the headers at once, with the full body's length
+    part = body[: max(0, ctx.truncate_body)]
+    if part:
+        await resp.write(part)
+    _drop(ctx.request)
+
+
 async def _stream(ctx: _Ctx, head: list[bytes], tokens: list[bytes], tail: list[bytes]) -> web.StreamResponse:
     """Write ``head``, then one frame per token (sleeping the token latency before each), then
-    ``tail``; with ``x-fake-cut-after: N`` stop after N token frames and drop the connection."""
+    ``tail``; with ``x-fake-cut-after: N`` stop after N token frames and drop the connection.
+    ``x-fake-single-write`` and ``x-fake-stall-after-ms`` change how the same bytes are sent.
+    The ledger entry counts the token frames as they are written."""
     request = ctx.request
-    resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **_echo_headers(request, ctx.model)})
+    resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **ctx.headers()})
     await resp.prepare(request)
     cut = ctx.cut_after
     if cut is not None:
         tokens = tokens[: max(0, cut)]
         tail = []
-    if ctx.latency <= 0:
-        await resp.write(b"".join(head + tokens + tail))
-    else:
-        if head:
-            await resp.write(b"".join(head))
-        for frame in tokens:
-            await asyncio.sleep(ctx.latency)
-            await resp.write(frame)
-        if tail:
-            await resp.write(b"".join(tail))
-    if cut is not None:
-        # Close the socket without the chunked terminator: the client sees an incomplete body.
-        transport = request.transport
-        if transport is not None:
-            transport.close()
-        raise asyncio.CancelledError()
-    await resp.write_eof()
+    ended = False
+    try:
+        if ctx.single_write:
+            if ctx.latency > 0 and tokens:  # the time the model took, then everything at once
+                await asyncio.sleep(ctx.latency * len(tokens))
+            ended = await _write_once(ctx, resp, b"".join(head + tokens + tail), len(tokens), cut is None)
+        elif ctx.latency <= 0:
+            ended = await _write_once(ctx, resp, b"".join(head + tokens + tail), len(tokens), False)
+        else:
+            await _write_paced(ctx, resp, head, tokens, tail)
+        if ctx.stall > 0:
+            await asyncio.sleep(ctx.stall)
+        if cut is not None:
+            _drop(request)
+        if not ended:
+            await resp.write_eof()
+    except ConnectionResetError:  # the client went away: bill what was written, end quietly
+        raise asyncio.CancelledError() from None
+    ctx.entry["complete"] = True
     return resp
+
+
+async def _write_once(ctx: _Ctx, resp: web.StreamResponse, data: bytes, n_tokens: int, end: bool) -> bool:
+    """Write ``data`` in one transport write, with the end of the chunked body when ``end`` and
+    no stall is asked (so the last event and end-of-stream arrive together); True if ended."""
+    end = end and ctx.stall <= 0
+    if end:
+        await resp.write_eof(data)
+    else:
+        await resp.write(data)
+    ctx.entry["output_tokens"] += n_tokens
+    return end
+
+
+async def _write_paced(ctx: _Ctx, resp: web.StreamResponse, head: list[bytes], tokens: list[bytes],
+                       tail: list[bytes]) -> None:
+    """One write per token frame, each after the token latency, as a slow model streams."""
+    if head:
+        await resp.write(b"".join(head))
+    for frame in tokens:
+        await asyncio.sleep(ctx.latency)
+        await resp.write(frame)
+        ctx.entry["output_tokens"] += 1
+    if tail:
+        await resp.write(b"".join(tail))
 
 
 def _new_id(prefix: str) -> str:
@@ -405,13 +630,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = await _parse(request, CHAT)
     if isinstance(ctx, web.Response):
         return ctx
-    cid = _new_id("chatcmpl-fake")
+    cid = ctx.set_id(_new_id("chatcmpl-fake"))
     created = int(time.time())
     finish = "length" if ctx.capped else "stop"
     words = output_words(ctx.output_tokens)
     if not ctx.stream:
         await _sleep_total(ctx)
-        return _json(request, ctx.model, {
+        return await _answer(ctx, {
             "id": cid,
             "object": "chat.completion",
             "created": created,
@@ -427,7 +652,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "system_fingerprint": "fp_fake",
         })
     so = ctx.body.get("stream_options")
-    include_usage = isinstance(so, dict) and so.get("include_usage") is True
+    include_usage = isinstance(so, dict) and so.get("include_usage") is True and not ctx.omit_usage
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model,
             "service_tier": "default", "system_fingerprint": "fp_fake"}
     if include_usage:
@@ -497,7 +722,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if isinstance(ctx, web.Response):
         return ctx
     n = next(_ids)
-    rid, mid = f"resp_fake{n:024x}", f"msg_fake{n:024x}"
+    rid, mid = ctx.set_id(f"resp_fake{n:024x}"), f"msg_fake{n:024x}"
     created = int(time.time())
     words = output_words(ctx.output_tokens)
     text = "".join(words)
@@ -505,8 +730,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     item_done = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part_done]}
     if not ctx.stream:
         await _sleep_total(ctx)
-        return _json(request, ctx.model, _response_obj(ctx, rid, created, "completed", [item_done],
-                                                       _responses_usage(ctx)))
+        return await _answer(ctx, _response_obj(ctx, rid, created, "completed", [item_done],
+                                                _responses_usage(ctx)))
     seq = itertools.count()
     pending = _response_obj(ctx, rid, created, "in_progress", [], None)
     head = [
@@ -540,7 +765,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "item": item_done}),
         _sse_event("response.completed", {
             "type": "response.completed", "sequence_number": next(seq),
-            "response": _response_obj(ctx, rid, created, "completed", [item_done], _responses_usage(ctx))}),
+            "response": _response_obj(ctx, rid, created, "completed", [item_done],
+                                      None if ctx.omit_usage else _responses_usage(ctx))}),
     ]
     return await _stream(ctx, head, tokens, tail)
 
@@ -554,6 +780,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     ctx = await _parse(request, EMBEDDINGS)
     if isinstance(ctx, web.Response):
         return ctx
+    ctx.set_id(_new_id("embd-fake"))
     as_b64 = ctx.body.get("encoding_format") == "base64"
     data = []
     for i, item in enumerate(_embedding_inputs(ctx.body.get("input"))):
@@ -561,7 +788,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         if as_b64:
             vec = base64.b64encode(struct.pack("<8f", *vec)).decode()
         data.append({"object": "embedding", "index": i, "embedding": vec})
-    return _json(request, ctx.model, {
+    return await _answer(ctx, {
         "object": "list",
         "data": data,
         "model": ctx.model,
@@ -605,12 +832,12 @@ async def messages(request: web.Request) -> web.StreamResponse:
     ctx = await _parse(request, ANTHROPIC)
     if isinstance(ctx, web.Response):
         return ctx
-    mid = _new_id("msg_fake")
+    mid = ctx.set_id(_new_id("msg_fake"))
     words = output_words(ctx.output_tokens)
     stop = "max_tokens" if ctx.capped else "end_turn"
     if not ctx.stream:
         await _sleep_total(ctx)
-        return _json(request, ctx.model, {
+        return await _answer(ctx, {
             "id": mid,
             "type": "message",
             "role": "assistant",
@@ -620,10 +847,14 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "stop_sequence": None,
             "usage": _anthropic_usage(ctx, ctx.output_tokens),
         })
+    start = {"id": mid, "type": "message", "role": "assistant", "model": ctx.model, "content": [],
+             "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(ctx, 1)}
+    message_delta = {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                     "usage": {"output_tokens": ctx.output_tokens}}
+    if ctx.omit_usage:
+        start, message_delta = _without_usage(ANTHROPIC, start), _without_usage(ANTHROPIC, message_delta)
     head = [
-        _sse_event("message_start", {"type": "message_start", "message": {
-            "id": mid, "type": "message", "role": "assistant", "model": ctx.model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(ctx, 1)}}),
+        _sse_event("message_start", {"type": "message_start", "message": start}),
         _sse_event("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}}),
         _sse_event("ping", {"type": "ping"}),
@@ -635,16 +866,14 @@ async def messages(request: web.Request) -> web.StreamResponse:
     ]
     tail = [
         _sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        _sse_event("message_delta", {"type": "message_delta",
-                                     "delta": {"stop_reason": stop, "stop_sequence": None},
-                                     "usage": {"output_tokens": ctx.output_tokens}}),
+        _sse_event("message_delta", message_delta),
         _sse_event("message_stop", {"type": "message_stop"}),
     ]
     return await _stream(ctx, head, tokens, tail)
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:
-    ctx = await _parse(request, ANTHROPIC)
+    ctx = await _parse(request, ANTHROPIC, billed=False)
     if isinstance(ctx, web.Response):
         return ctx
     return _json(request, ctx.model, {"input_tokens": ctx.input_tokens})
@@ -655,26 +884,32 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 # --------------------------------------------------------------------------------------------
 
 
-def build_app(token_latency_ms: float = 0.0) -> web.Application:
-    """The aiohttp application; ``token_latency_ms`` is the default per-token stream latency."""
+def build_app(token_latency_ms: float = 0.0, ledger_size: int = DEFAULT_LEDGER_SIZE) -> web.Application:
+    """The aiohttp application; ``token_latency_ms`` is the default per-token stream latency,
+    ``ledger_size`` the number of ledger entries kept (the oldest are evicted)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_LATENCY_KEY] = float(token_latency_ms)
+    app[_LEDGER_KEY] = Ledger(ledger_size)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_get("/_fake/ledger", ledger_get)
+    app.router.add_delete("/_fake/ledger", ledger_delete)
     app.router.add_route("*", "/{tail:.*}", not_found)
     return app
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m extproc.fakeprovider --port N [--host H] [--token-latency-ms F]``."""
+    """``python -m extproc.fakeprovider --port N [--host H] [--token-latency-ms F] [--ledger-size N]``."""
     parser = argparse.ArgumentParser(prog="python -m extproc.fakeprovider", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token-latency-ms", type=float, default=0.0)
+    parser.add_argument("--ledger-size", type=int, default=DEFAULT_LEDGER_SIZE,
+                        help="ledger entries kept in memory (GET /_fake/ledger); the oldest are evicted")
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -683,7 +918,7 @@ def main(argv: list[str] | None = None) -> None:
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     web.run_app(
-        build_app(args.token_latency_ms),
+        build_app(args.token_latency_ms, args.ledger_size),
         host=args.host,
         port=args.port,
         access_log=None,
