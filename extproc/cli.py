@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_PORT", "50051")))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.add_argument("--state-dir", default=os.environ.get("TOLLGATE_STATE_DIR", ".run/state"),
+                   help="local state that must survive a restart: the settle outbox (outbox.sqlite) and "
+                        "the attribution record files (attribution/)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TOLLGATE_METRICS_PORT", "9464")),
                    help="Prometheus /metrics on loopback (0 = off)")
     p.add_argument("--admin-port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_ADMIN_PORT", "50052")),
@@ -111,7 +113,14 @@ def _serve(args: argparse.Namespace) -> None:
     from .server import serve
 
     async def amain() -> None:
-        gw = await build_gateway(config, redis_url=args.redis_url)
+        from .attribution import RotatingJsonlSink, stdout_sink, tee
+
+        state = Path(args.state_dir)
+        # Records outlive the bounded Redis stream in rotated JSON-lines files, one writer per process.
+        files = RotatingJsonlSink(state / "attribution", name=f"extproc-{args.port}")
+        gw = await build_gateway(config, redis_url=args.redis_url, outbox_path=state / "outbox.sqlite",
+                                 sink=tee(stdout_sink(), files))
+        replay = asyncio.get_running_loop().create_task(gw.replay_outbox())
         gauges = None
         if args.metrics_port:
             gw.metrics_server = await gw.metrics.serve(args.host, args.metrics_port)
@@ -125,6 +134,8 @@ def _serve(args: argparse.Namespace) -> None:
                                   admin_service.SERVICE_NAME, args.host, args.admin_port)
         await serve(gw.new_processor, args.host, args.port, on_stop=gw.close, admin=admin,
                     on_phase=gw.metrics.phase_latency)
+        replay.cancel()
+        files.close()
         if gauges is not None:
             gauges.cancel()
 
@@ -201,40 +212,59 @@ def _envoy_config(args: argparse.Namespace) -> None:
     sys.stdout.write(yaml.safe_dump(render(config, ports), sort_keys=False))
 
 
+def _say(text: str, err: bool = False) -> None:
+    """Print, but never let a closed terminal (SIGHUP) break the cleanup that follows."""
+    try:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
 def _run(args: argparse.Namespace) -> None:
+    """The local stack in the foreground: restart a dead ext_proc, stop everything on a signal.
+
+    The signal handlers go in first, before the slow imports and the policy load, so a signal
+    at any point stops whatever has been started by then (Stack.start polls for it).
+    """
+    from .supervisor import StopSignals
+
+    stop = StopSignals().install()
+    from .procs import Interrupted
     from .stack import Stack, StackPorts
+    from .supervisor import supervise
 
     _load(args.policies)
     redis_url = os.environ.get("REDIS_URL") or None
     stack = Stack(Path(args.policies), Path(args.run_dir).resolve(), StackPorts.from_env(), redis_url=redis_url,
-                  extproc_stdout_to_terminal=True)
-    print(f"tollgate: starting Redis, fake provider, ext_proc and Envoy (logs in {stack.run_dir}/) ...", flush=True)
-    def _stop(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    # Installed explicitly: a shell that starts us in the background leaves SIGINT ignored.
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+                  extproc_stdout_to_terminal=True, should_stop=stop.requested)
+    _say(f"tollgate: starting Redis, fake provider, ext_proc and Envoy (logs in {stack.run_dir}/) ...")
     try:
-        stack.start()
-        print(
+        try:
+            stack.start()
+        except (RuntimeError, TimeoutError, OSError) as e:  # a child that exited or never listened
+            _say(f"tollgate: the stack did not start: {e}", err=True)
+            sys.exit(1)
+        _say(
             f"\ntollgate is up. Send OpenAI or Anthropic SDK requests to {stack.base_url}/v1\n"
             f"  policies:        {Path(args.policies).resolve()}\n"
             f"  redis:           {stack.redis_url}\n"
             f"  envoy admin:     http://127.0.0.1:{stack.ports.admin}\n"
             f"  admin API:       http://127.0.0.1:{stack.ports.admin_api}/admin/v1/budgets (JSON; see README)\n"
             f"  access log:      {stack.access_log}\n"
-            f"Attribution records follow, one JSON line per request. Ctrl-C stops everything.\n",
-            flush=True,
+            f"Attribution records follow, one JSON line per request. Ctrl-C stops everything.\n"
         )
-        while all(p.alive() for p in stack.procs):
-            time.sleep(0.5)
-        dead = [p.name for p in stack.procs if not p.alive()]
-        print(f"tollgate: {', '.join(dead)} exited; stopping the stack (see {stack.run_dir}/)", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ntollgate: stopping ...", flush=True)
+        supervisor = supervise(stack)
+        while not stop.requested():
+            death = supervisor.poll()
+            if death is not None:
+                _say(f"tollgate: {death}; stopping the stack", err=True)
+                sys.exit(1)
+            time.sleep(0.1)
+    except Interrupted:  # the signal came while the stack was starting or an ext_proc restarting
+        pass
     finally:
+        if stop.received is not None:
+            _say(f"\ntollgate: {stop.received.name}; stopping ...")
         stack.stop()
 
 

@@ -2,7 +2,8 @@
 
 `tollgate run` (what `make run` calls) and the end-to-end test fixture both use this, so the
 demo and the tests start exactly the same processes. Every child runs in its own session and is
-stopped by PID, in reverse order, whatever happened.
+stopped by PID, in reverse order, whatever happened. Their PIDs are kept in `<run dir>/pids`, so
+a run killed with SIGKILL (which cannot clean up) is cleaned up by the next one.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ import shutil
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .admin.build import ensure_generated
 from .config import load_config
 from .envoy_config import EnvoyPorts, write
-from .procs import Proc, free_port, redis_proc, wait_for_port
+from .procs import Interrupted, PidFile, Proc, free_port, redis_proc, wait_for_port
+
+
+def _never() -> bool:
+    return False
 
 
 def envoy_binary() -> str:
@@ -93,6 +99,10 @@ class Stack:
     extproc_stdout_to_terminal: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
+    # Polled while starting: true makes start() stop what it started and raise Interrupted, so a
+    # signal that arrives before the stack is up does not wait for (or leak) the rest of it.
+    should_stop: Callable[[], bool] = field(default=_never, repr=False)
+    _owns_pid_file: bool = field(default=False, init=False, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -114,39 +124,46 @@ class Stack:
     def env(self) -> dict[str, str]:
         return {"TOLLGATE_FAKE_PORT": str(self.ports.fake), **self.extra_env}
 
+    @property
+    def pid_file(self) -> PidFile:
+        return PidFile(self.run_dir / "pids")
+
     def start(self) -> "Stack":
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for left in self.pid_file.stop_leftovers():
+            print(f"tollgate: stopped {left.name} (pid {left.pid}), left running by an earlier run",
+                  file=sys.stderr)
         os.environ.update(self.env())  # the policy's ${TOLLGATE_FAKE_PORT} is read when it loads
         config = load_config(self.policies)  # fail before starting anything on a bad policy
         try:
+            self._check_stop()
             if self.redis_url is None:
                 redis = self._add(redis_proc(self.ports.redis, self.run_dir / "redis"))
-                wait_for_port(self.ports.redis, proc=redis)
+                redis.wait_ready(cancelled=self.should_stop)
                 self.redis_url = f"redis://127.0.0.1:{self.ports.redis}/0"
             py = sys.executable
             fake = self._add(Proc("fake-provider", [py, "-m", "extproc.fakeprovider", "--port", str(self.ports.fake)],
-                                  log_path=self.run_dir / "fake.log", env=self.env()))
+                                  log_path=self.run_dir / "fake.log", env=self.env(), ports=[self.ports.fake]))
             extprocs = []
             ensure_generated()  # compile the admin proto once, before the ext_procs import it concurrently
+            self._check_stop()
             for i, (port, admin_port, metrics_port) in enumerate(
                     zip(self.ports.extproc, self.ports.extproc_admin, self.ports.metrics)):
                 log = self.attribution_log if i == 0 else self.run_dir / f"extproc-{i}.log"
                 p = Proc(f"extproc-{i}", [py, "-m", "extproc.cli", "serve", "--policies", str(self.policies),
                                           "--port", str(port), "--admin-port", str(admin_port),
-                                          "--metrics-port", str(metrics_port), "--redis-url", self.redis_url],
-                         log_path=log, env=self.env())
+                                          "--metrics-port", str(metrics_port), "--redis-url", self.redis_url,
+                                          "--state-dir", str(self.run_dir / "state")],
+                         log_path=log, env=self.env(), ports=[port, admin_port, metrics_port])
                 extprocs.append(self._add(p, inherit=self.extproc_stdout_to_terminal))
             envoy_yaml = write(config, EnvoyPorts(listen=self.ports.listen, admin=self.ports.admin,
                                                   extproc=self.ports.extproc, access_log=str(self.access_log),
                                                   admin_api=self.ports.admin_api,
                                                   extproc_admin=self.ports.extproc_admin),
                                self.run_dir / "envoy.yaml")
-            wait_for_port(self.ports.fake, proc=fake)
-            for p, port, admin_port, metrics_port in zip(extprocs, self.ports.extproc, self.ports.extproc_admin,
-                                                         self.ports.metrics):
-                wait_for_port(port, proc=p)
-                wait_for_port(admin_port, proc=p)
-                wait_for_port(metrics_port, proc=p)
+            fake.wait_ready(cancelled=self.should_stop)
+            for p in extprocs:
+                p.wait_ready(cancelled=self.should_stop)
             envoy = self._add(Proc("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
                                              "--log-level", "warn", "--concurrency", "2",
                                              "--file-flush-interval-msec", "100"],
@@ -157,9 +174,29 @@ class Stack:
             raise
         return self
 
+    def restart(self, proc: Proc) -> None:
+        """Start one of our processes again after it died and wait until it listens again.
+
+        What the supervisor calls for an ext_proc: same argv, ports, env and log (appended to).
+        """
+        proc.restart()
+        self._record_pids()
+        proc.wait_ready(cancelled=self.should_stop)
+
+    def _check_stop(self) -> None:
+        if self.should_stop():
+            raise Interrupted("stopped while the stack was starting")
+
     def _add(self, proc: Proc, inherit: bool = False) -> Proc:
-        self.procs.append(proc.start(inherit_output=inherit))
+        self._check_stop()
+        self.procs.append(proc)  # listed before it starts: stop() skips a Proc that never started
+        proc.start(inherit_output=inherit)
+        self._record_pids()
         return proc
+
+    def _record_pids(self) -> None:
+        self.pid_file.write(self.procs)
+        self._owns_pid_file = True
 
     def _wait_ready(self, envoy: Proc, timeout: float = 30.0) -> None:
         """Ready when Envoy is live, sees every ext_proc as healthy, and the listener accepts."""
@@ -168,6 +205,7 @@ class Stack:
         want = len(self.ports.extproc)
         last: object = None
         while time.monotonic() < deadline:
+            self._check_stop()
             if not envoy.alive():
                 raise RuntimeError(f"envoy exited; see {envoy.log_path}")
             try:
@@ -178,19 +216,28 @@ class Stack:
                 admin_ok = sum(1 for line in text.splitlines()
                                if line.startswith("tollgate_admin::") and line.endswith("::health_flags::healthy"))
                 if healthy == want and admin_ok == want:
-                    wait_for_port(self.ports.listen, timeout=max(0.1, deadline - time.monotonic()))
-                    wait_for_port(self.ports.admin_api, timeout=max(0.1, deadline - time.monotonic()))
+                    for port in (self.ports.listen, self.ports.admin_api):
+                        wait_for_port(port, timeout=max(0.1, deadline - time.monotonic()), proc=envoy,
+                                      cancelled=self.should_stop)
                     return
                 last = f"{healthy}/{want} ext_proc and {admin_ok}/{want} admin API endpoints healthy"
+            except (Interrupted, RuntimeError):
+                raise
             except Exception as e:  # admin not up yet
                 last = e
             time.sleep(0.1)
         raise TimeoutError(f"stack not ready after {timeout}s: {last}")
 
     def stop(self) -> None:
+        """Stop every child by PID, newest first (Envoy before the ext_procs before Redis)."""
         for p in reversed(self.procs):
+            if not hasattr(p, "popen"):  # never started
+                continue
             try:
                 p.stop()
             except Exception:
                 pass
         self.procs.clear()
+        if self._owns_pid_file:
+            self.pid_file.remove()
+            self._owns_pid_file = False
