@@ -118,10 +118,15 @@ class BudgetEngine:
         clock: Callable[[], float] | None = None,
         prefix: str = "tollgate:",
         outbox: Outbox | None = None,
+        redis_time: bool | None = None,
     ) -> None:
+        """`clock` picks calendar periods and key TTLs (default: time.time). Leases and rolling
+        buckets run on Redis's clock when `redis_time` (the default without a `clock`), else on
+        `clock` too (tests that move time by hand)."""
         self._budgets = [_Compiled(b, window_for(b.window)) for b in budgets]
-        self._clock = clock or time.time  # calendar periods, key TTLs
-        self._script_clock = clock  # leases and buckets: None = Redis's own clock
+        self._clock = clock or time.time
+        use_redis = clock is None if redis_time is None else redis_time
+        self._script_clock = None if use_redis else self._clock
         self._prefix = prefix
         self._store = BudgetStore(redis, prefix=prefix, grace=KEY_GRACE_SECONDS)
         self.outbox = outbox
@@ -248,7 +253,7 @@ class BudgetEngine:
         request_id, input_tokens, max_output_tokens, min_output_tokens = (
             req.request_id, req.input_tokens, req.max_output_tokens, req.min_output_tokens
         )
-        cost_fn, lease_seconds, now = req.cost_fn, req.lease_seconds, req.now
+        cost_fn, now = req.cost_fn, req.now
         eff: dict[str, str | list[str]] = {**req.attrs, "model": model, "provider": provider}
         counters = self._counters(eff, now)
         names = [c.cb.budget.name for c in counters]

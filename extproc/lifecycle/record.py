@@ -66,6 +66,7 @@ def build_record(ctx: RequestContext, usage: Usage | None, cost_nusd: int, *, co
     return {
         **_request(ctx),
         "error_code": ctx.error_code,
+        "gateway_error": ctx.gateway_error,
         "complete": complete,
         "end": end,
         "estimate": estimate,

@@ -312,3 +312,38 @@ async def test_downgrade_to_a_model_no_budget_covers(make_engine: Callable[..., 
                      "action": "downgrade", "fallbacks": ["gpt-4o-mini"]})
     a = await admit(e, "r1", max_output_tokens=10_000)
     assert a.decision == "downgraded" and a.model == "gpt-4o-mini" and a.counters == () and a.reserved_nusd == 0
+
+
+async def test_skewed_gateway_clocks_agree_on_leases(redis_url: str, prefix: str) -> None:
+    """Two gateways an hour apart share one Redis. Leases run on Redis's clock, so the fast one
+    cannot purge the slow one's live lease (which let a counter reach $1.80 on a $1 limit), and
+    a settle after a lease expired replaces the expiry's charge instead of adding to it."""
+    import asyncio
+    import time
+
+    import redis.asyncio as aredis
+
+    from budget_helpers import budgets
+
+    policy = budgets({"name": "d", "limit_usd": 1, "window": {"rolling": "24h"}})
+    clients = [aredis.Redis.from_url(redis_url), aredis.Redis.from_url(redis_url)]
+    try:
+        slow = BudgetEngine(policy, clients[0], clock=time.time, redis_time=True, prefix=prefix)
+        fast = BudgetEngine(policy, clients[1], clock=lambda: time.time() + 3600, redis_time=True, prefix=prefix)
+        a = await admit(slow, "slow-1", max_output_tokens=tokens_for(0.9), lease_seconds=1.5)
+        assert a.decision == "allowed"
+        b = await admit(fast, "fast-1", max_output_tokens=tokens_for(0.5), lease_seconds=600)
+        assert b.decision == "blocked"  # on the fast gateway's own clock the slow lease had expired
+        await asyncio.sleep(1.6)  # now it really expired: it became a charge, not free room
+        b = await admit(fast, "fast-1", max_output_tokens=tokens_for(0.5), lease_seconds=600)
+        assert b.decision == "blocked"
+        assert await slow.settle(a, usd_to_nusd(0.3)) == "settled_after_expiry"
+        b = await admit(fast, "fast-1", max_output_tokens=tokens_for(0.5), lease_seconds=600)
+        assert b.decision == "allowed"
+        assert await fast.settle(b, usd_to_nusd(0.5)) == "settled"
+        (st,) = await slow.status({})
+        assert (st.spent_nusd, st.reserved_nusd) == (usd_to_nusd(0.8), 0)
+        assert st.spent_nusd <= st.limit_nusd
+    finally:
+        for c in clients:
+            await c.aclose()
