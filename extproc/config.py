@@ -110,6 +110,9 @@ if TYPE_CHECKING:
 class GatewaySection(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     request_timeout_seconds: float = Field(default=600, gt=0, description="longest an LLM request may run")
+    lease_grace_seconds: float = Field(
+        default=60, gt=0, description="a reservation's lease outlives the request timeout by this much; a lease "
+                                      "whose gateway died expires into a charge after request_timeout + this")
     attribution_stream_max_bytes: int = Field(
         default=256 * 1024 * 1024, gt=0,
         description="bytes of attribution records the Redis stream keeps (approximately; oldest trimmed first)")

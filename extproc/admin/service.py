@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .. import decide
 from ..attrs import where_matches
 from ..budgets import BudgetStatus, StoreError
 from ..budgets import replies as budget_replies
@@ -265,21 +264,18 @@ class AdminService(pb_grpc.AdminServicer):
             return refuse(413, "request_too_large",
                           f"Request body is {request.input_bytes} bytes; this gateway accepts at most {limit}.")
         try:
-            cand = decide.check(config, api, model, request.max_output_tokens or None, attrs, path)
+            cand, adm = await self.gw.admitter.preview(config, api, model, request.max_output_tokens or None, attrs,
+                                                       path, input_upper)
         except GatewayError as e:
             return refuse(e.status, e.code or e.type, e.message, list(e.extra.get("allowed_models", [])))
-        provider, cap, cost_fn = cand.provider, cand.cap, cand.cost_fn
-        resp.provider = provider
-        engine = self.gw.budgets
-        if engine is None:
+        cap, cost_fn = cand.cap, cand.cost_fn
+        resp.provider = cand.provider
+        if adm is None:
             worst = cost_fn(model, input_upper, cap) or 0
             resp.decision, resp.reason = "allowed", "no budget applies"
             resp.model_served, resp.max_output_tokens = model, cap
             resp.worst_case_cost_usd, resp.worst_case_cost_nusd = usd(worst), worst
             return resp
-        adm = await engine.dry_run(attrs=attrs, model=model, provider=provider, input_tokens=input_upper,
-                                   max_output_tokens=cap, min_output_tokens=min(16, cap),
-                                   cost_fn=cost_fn, provider_of=cand.provider_of)
         resp.budgets.extend(adm.budgets)
         resp.shadow_blocked.extend(s.name for s in adm.shadow_blocked)
         resp.warnings.extend(s.name for s in adm.warnings)

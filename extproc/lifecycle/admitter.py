@@ -21,6 +21,8 @@ from .record import lease_record
 
 if TYPE_CHECKING:
     from ..budgets.engine import CostFn, ProviderOf
+    from ..config import Config
+    from ..providers import Api
 
 MIN_OUTPUT_TOKENS = 16
 """The smallest output cap a clamp may leave a request."""
@@ -67,6 +69,20 @@ class Admitter:
             changed = True
         return changed
 
+    async def preview(self, config: "Config", api: "Api", model: str, output_cap: int | None,
+                      attrs: dict[str, str | list[str]], path: str,
+                      input_tokens: int) -> "tuple[decide.Candidate, Admission | None]":
+        """What `admit` would decide for such a request, reserving nothing (the admin API's dry
+        run): the same checks (GatewayError on a refusal) and the engine's own decision logic on
+        read-only counter reads. None when no budget engine runs."""
+        cand = decide.check(config, api, model, output_cap, attrs, path)
+        if self.engine is None:
+            return cand, None
+        adm = await self.engine.dry_run(attrs=attrs, model=model, provider=cand.provider, input_tokens=input_tokens,
+                                        max_output_tokens=cand.cap, min_output_tokens=min(MIN_OUTPUT_TOKENS, cand.cap),
+                                        cost_fn=cand.cost_fn, provider_of=cand.provider_of)
+        return cand, adm
+
     async def _reserve(self, ctx: RequestContext, attrs: dict[str, str | list[str]], cap: int,
                        cost_fn: "CostFn", provider_of: "ProviderOf", provider: str) -> Admission:
         assert self.engine is not None and ctx.req is not None
@@ -75,7 +91,7 @@ class Admitter:
             request_id=ctx.request_id, attrs=attrs, model=ctx.req.model, provider=provider,
             input_tokens=ctx.req.input_tokens_upper, max_output_tokens=cap,
             min_output_tokens=min(MIN_OUTPUT_TOKENS, cap), cost_fn=cost_fn, provider_of=provider_of,
-            lease_seconds=gw_conf.request_timeout_seconds + 60,
+            lease_seconds=gw_conf.request_timeout_seconds + gw_conf.lease_grace_seconds,
             meta=lease_meta(lease_record(ctx), bound=ctx.config.stream_bound)))
         ctx.pending_admit = task
         try:
