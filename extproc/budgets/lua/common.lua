@@ -6,6 +6,7 @@
 -- one (tests with a fake clock): every gateway replica then agrees on when a lease expires.
 
 local TOMB_TTL = 86400  -- how long an expired lease's tombstone waits for a late settle (seconds)
+local USAGE_TTL = 400 * 86400  -- a day's usage rollup, as extproc/usage.py RETENTION_DAYS
 
 local function I(x)
   -- integers as plain digits: Lua would print 1e15 as "1e+15", which HINCRBY rejects
@@ -95,6 +96,7 @@ local function expire_into_charge(h, c, rid, amount)
   if m == nil then return end
   redis.call('HINCRBY', m[1], 'requests|' .. m[5], 1)
   redis.call('HINCRBY', m[1], 'cost_nusd|' .. m[5], I(amount))
+  if redis.call('TTL', m[1]) < 0 then redis.call('EXPIRE', m[1], USAGE_TTL) end
   append_record(m[2], m[3], m[4], c.now, m[6] .. ',"settlement":"lease_expired","end":"lease_expired",' ..
     '"estimate":"reservation","complete":false,"cost_nusd":' .. I(amount) .. ',"cost_usd":' .. usd(amount) .. '}')
 end
