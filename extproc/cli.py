@@ -120,7 +120,9 @@ def _serve(args: argparse.Namespace) -> None:
         files = RotatingJsonlSink(state / "attribution", name=f"extproc-{args.port}")
         gw = await build_gateway(config, redis_url=args.redis_url, outbox_path=state / "outbox.sqlite",
                                  sink=tee(stdout_sink(), files))
-        replay = asyncio.get_running_loop().create_task(gw.replay_outbox())
+        loop = asyncio.get_running_loop()
+        replay = loop.create_task(gw.replay_outbox())
+        sweep = loop.create_task(gw.sweep_leases())
         gauges = None
         if args.metrics_port:
             gw.metrics_server = await gw.metrics.serve(args.host, args.metrics_port)
@@ -135,6 +137,7 @@ def _serve(args: argparse.Namespace) -> None:
         await serve(gw.new_processor, args.host, args.port, on_stop=gw.close, admin=admin,
                     on_phase=gw.metrics.phase_latency)
         replay.cancel()
+        sweep.cancel()
         files.close()
         if gauges is not None:
             gauges.cancel()

@@ -57,7 +57,7 @@ def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict
     admin = next(c for c in res["clusters"] if c["name"] == "tollgate_admin")
     admin["load_assignment"]["endpoints"][0]["lb_endpoints"] = [_endpoint("127.0.0.1", p) for p in ports.extproc_admin]
     vhost = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
-    timeout = f"{int(config.gateway.request_timeout_seconds)}s"
+    timeout = f"{config.gateway.request_timeout_seconds:.3f}s"  # Envoy reads "0s" as no timeout at all
     routes = [_route(name, p, timeout) for name, p in config.providers.items()]
     vhost["routes"] = routes + vhost["routes"]
     res["clusters"] += [_cluster(name, p) for name, p in config.providers.items()]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from .windows import KEY_GRACE_SECONDS, Calendar, Period, Window, window_for
 log = logging.getLogger(__name__)
 
 CostFn = Callable[[str, int, int], "int | None"]
+LeaseMeta = Callable[[str, str, list[str], int], bytes]
+"""(model, provider, budget names, amount reserved) -> what the lease keeps for an expiry to record itself."""
 ProviderOf = Callable[[str], "str | None"]
 
 CLAMP_ATTEMPTS = 3
@@ -92,7 +95,7 @@ class _Request:
     cost_fn: CostFn
     lease_seconds: float
     now: float
-    meta: bytes
+    meta: "LeaseMeta | None"
 
 
 @dataclass
@@ -213,12 +216,13 @@ class BudgetEngine:
         cost_fn: CostFn,
         provider_of: ProviderOf,
         lease_seconds: float,
-        meta: bytes = b"",
+        meta: LeaseMeta | None = None,
     ) -> Admission:
         """Decide whether (and with which model / output cap) a request may go upstream, reserving its worst case.
 
-        `meta` (extproc/usage.py `lease_meta`) is kept with the lease, so that if it expires
-        unsettled its charge is still rolled up and recorded."""
+        `meta` builds what the lease keeps (extproc/usage.py `lease_meta`) for the candidate
+        actually reserved, so that if it expires unsettled its charge is still rolled up and
+        recorded under the right model and budgets."""
         req = _Request(
             request_id, attrs, input_tokens, max_output_tokens, min_output_tokens, cost_fn, lease_seconds, self._clock(),
             meta,
@@ -270,7 +274,7 @@ class BudgetEngine:
                 return _Attempt(Admission("blocked", reason=reason, **base), enforce)
             cost = 0
         try:
-            res = await self._reserve(counters, req, cost)
+            res = await self._reserve(counters, req, cost, model, provider)
         except StoreError as e:
             return _Attempt(self._store_failure(counters, e, base), [])
         if res.ok:
@@ -286,7 +290,7 @@ class BudgetEngine:
                 clamped_cost = cost_fn(model, input_tokens, cap)
                 assert clamped_cost is not None
                 try:
-                    res = await self._reserve(counters, req, clamped_cost)
+                    res = await self._reserve(counters, req, clamped_cost, model, provider)
                 except StoreError as e:
                     return _Attempt(self._store_failure(counters, e, base), [])
                 if res.ok:
@@ -311,7 +315,8 @@ class BudgetEngine:
         )
         return _Attempt(Admission("blocked", blocking=blocking, shadow_blocked=shadow, reason=reason, **base), failing)
 
-    async def _reserve(self, counters: list[_Counter], req: _Request, cost: int) -> ReserveResult:
+    async def _reserve(self, counters: list[_Counter], req: _Request, cost: int, model: str,
+                       provider: str) -> ReserveResult:
         return await self._store.reserve(
             [c.ref for c in counters],
             [c.limit for c in counters],
@@ -321,7 +326,7 @@ class BudgetEngine:
             now=self._script_now(),
             ttl_now=req.now,
             lease_seconds=req.lease_seconds,
-            meta=req.meta,
+            meta=req.meta(model, provider, [c.cb.budget.name for c in counters], cost) if req.meta is not None else b"",
         )
 
     @staticmethod
@@ -417,7 +422,8 @@ class BudgetEngine:
         adm.request_id = ""
         return adm
 
-    async def _peek_reserve(self, counters: list[_Counter], req: _Request, cost: int) -> ReserveResult:
+    async def _peek_reserve(self, counters: list[_Counter], req: _Request, cost: int, model: str,
+                            provider: str) -> ReserveResult:
         """reserve.lua's verdict without its writes: over = spent + reserved + cost > limit, per counter."""
         now = req.now
         states = await self._peek([c.ref for c in counters], now)
@@ -532,6 +538,33 @@ class BudgetEngine:
             return "store_error"
         return "released"
 
+    async def sweep_expired(self, batch: int = 200) -> int:
+        """Charge leases that expired on counters no request touches any more (a crashed
+        gateway's per-user counter, idle since): the scripts charge an expired lease the next
+        time they touch its counter, and this touches the ones that hold one. Returns how many
+        counters were swept. Raises StoreError if Redis is down."""
+        redis = self._store.redis
+        now = self._clock()
+        swept = 0
+        try:
+            due: list[CounterRef] = []
+            async for raw in redis.scan_iter(match=f"{self._prefix}b:*:leases", count=1000):
+                key = raw.decode() if isinstance(raw, bytes) else raw
+                if not await redis.zrangebyscore(key, "-inf", repr(float(now)), start=0, num=1):
+                    continue
+                counter = key[: -len(":leases")]
+                m = _ROLLING_KEY.match(counter[len(self._prefix):])
+                due.append(CounterRef(counter, None, int(m[2]), int(m[1]) // int(m[2])) if m else CounterRef(counter, 0.0))
+                if len(due) >= batch:
+                    await self._store.read(due, now=self._script_now())
+                    swept, due = swept + len(due), []
+            if due:
+                await self._store.read(due, now=self._script_now())
+                swept += len(due)
+        except (RedisError, OSError) as e:
+            raise StoreError(f"{type(e).__name__}: {e}") from e
+        return swept
+
     async def status(self, attrs: Mapping[str, str | list[str]]) -> list[BudgetStatus]:
         """Every counter these attrs count against, right now. Budgets filtered by model/provider are
         included when attrs carry no `model`/`provider`. Raises StoreError if Redis is down."""
@@ -542,6 +575,10 @@ class BudgetEngine:
         states = await self._store.read([c.ref for c in counters], now=self._script_now())
         return [self._status(c, s, now, cost=0, held=False) for c, s in zip(counters, states)]
 
+
+
+_ROLLING_KEY = re.compile(r"b:[^:]+:r(\d+)s(\d+):")
+"""A rolling counter's key (after the prefix): its window and bucket seconds (windows.Rolling.key_part)."""
 
 
 def _int(v: object) -> int:

@@ -92,10 +92,10 @@ class Admitter:
             input_tokens=ctx.req.input_tokens_upper, max_output_tokens=cap,
             min_output_tokens=min(MIN_OUTPUT_TOKENS, cap), cost_fn=cost_fn, provider_of=provider_of,
             lease_seconds=gw_conf.request_timeout_seconds + gw_conf.lease_grace_seconds,
-            meta=lease_meta(lease_record(ctx), bound=ctx.config.stream_bound)))
+            meta=lambda model, prov, names, reserved: lease_meta(
+                lease_record(ctx, model=model, provider=prov, budgets=names, reserved_nusd=reserved),
+                bound=ctx.config.stream_bound)))
+        # Kept until the request ends: a cancel can land after the reserve finished but before this
+        # coroutine resumed, and Settler.close must still find (and release) what it reserved.
         ctx.pending_admit = task
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if task.done():
-                ctx.pending_admit = None
+        return await asyncio.shield(task)

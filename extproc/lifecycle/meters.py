@@ -136,8 +136,15 @@ class SseMeter:
     pushes the running cost (a floor: input plus one token per delta) past it, so an honest
     stream is never cut. When it does go past, the client's stream ends right after the event
     that crossed it, with an error event in the provider's shape; this holds for the last chunk
-    too, where the whole overrun may arrive at once. The charge is still the provider's own
-    usage when it arrived (it billed what it generated); the overrun goes in the record.
+    too, where the whole overrun may arrive at once.
+
+    After the cut the meter keeps reading what the provider still sends (the client gets none of
+    it), because the provider's final usage may be a few chunks on: Envoy splits one large write
+    into several messages. It stops reading, and the processor resets the upstream, as soon as
+    that usage arrives, or once the running cost passes twice the reservation (a provider still
+    generating is stopped: draining may cost at most one more reservation). The charge is the
+    provider's own usage when it arrived (it billed what it generated), else the deltas estimate;
+    the overrun goes in the record.
     """
 
     def __init__(self, ctx: RequestContext, cap_nusd: int | None) -> None:
@@ -147,6 +154,13 @@ class SseMeter:
         self.state = StreamState()
         self.cut = False  # the client's stream has been ended by the live cap
         self._capping = False  # over the cap, waiting for an event boundary to cut at
+
+    def drained(self) -> bool:
+        """After a cut: nothing more worth reading (the final usage is in, or the drain limit hit)."""
+        st = self.state
+        if st.usage_final or st.done:
+            return True
+        return self.cap_nusd is not None and self.running_cost() > 2 * self.cap_nusd
 
     def feed(self, body: bytes, end_of_stream: bool) -> Cut | None:
         """Account one chunk; a Cut when the client's stream must end in it."""

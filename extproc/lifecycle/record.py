@@ -52,10 +52,13 @@ def _request(ctx: RequestContext) -> dict[str, Any]:
     }
 
 
-def lease_record(ctx: RequestContext) -> dict[str, Any]:
-    """What is known at admission: the record Redis writes if the lease expires unsettled (it
-    adds settlement, end, estimate, complete and the cost)."""
-    return _request(ctx)
+def lease_record(ctx: RequestContext, *, model: str, provider: str, budgets: list[str],
+                 reserved_nusd: int) -> dict[str, Any]:
+    """The record Redis writes if this lease expires unsettled (it adds settlement, end, estimate,
+    complete and the cost): built by the engine for the candidate it reserves, since the
+    admission (downgraded model, budgets, amount) is not known before the reserve."""
+    return {**_request(ctx), "provider": provider, "model_served": model, "budgets": budgets,
+            "reserved_usd": reserved_nusd / NANO_PER_USD, "status": 0}
 
 
 def build_record(ctx: RequestContext, usage: Usage | None, cost_nusd: int, *, complete: bool, end: str,

@@ -125,6 +125,8 @@ class Settler:
     async def _settle(self, end: str) -> dict[str, Any]:
         ctx = self.ctx
         meter = self.meter or JsonMeter(ctx)
+        if isinstance(meter, SseMeter) and meter.cut:
+            end = "budget_cap"  # the live cap ended it, even if the stream then went away
         m: Metered = meter.result(end)
         record = build_record(ctx, m.usage, m.cost_nusd, complete=m.complete, end=end, estimate=m.estimate,
                               overrun_nusd=m.overrun_nusd)

@@ -20,7 +20,7 @@ def _record(**kw) -> dict:
             "model_served": "gpt-4o", "provider": "openai", **kw}
 
 
-async def _admit(e: BudgetEngine, meta: bytes):  # type: ignore[no-untyped-def]
+async def _admit(e: BudgetEngine, meta):  # type: ignore[no-untyped-def]
     return await e.admit(request_id="r1", attrs={"user": "alice"}, model="gpt-4o", provider="openai",
                          input_tokens=100, max_output_tokens=10_000, cost_fn=cost_fn, provider_of=provider_of,
                          lease_seconds=30, meta=meta)
@@ -34,7 +34,8 @@ async def test_expiry_is_recorded_and_a_late_settle_supersedes_it(rds: aredis.Re
                                                                    clock: FakeClock) -> None:
     clock.set("2026-11-28T10:00:00")
     e = BudgetEngine(budgets(*POLICY), rds, clock=clock, prefix=prefix)
-    a = await _admit(e, lease_meta(_record(), prefix=prefix))
+    a = await _admit(e, lambda model, provider, names, reserved: lease_meta(
+        _record(model_served=model, provider=provider, budgets=names, reserved_usd=reserved / 1e9), prefix=prefix))
     reserved = a.reserved_nusd
     clock.advance(31)
     (st,) = await e.status({})  # any script touching the counter charges the expired lease
@@ -42,6 +43,7 @@ async def test_expiry_is_recorded_and_a_late_settle_supersedes_it(rds: aredis.Re
     (rec,) = await _records(rds, prefix)
     assert rec["settlement"] == "lease_expired" and rec["cost_nusd"] == reserved
     assert rec["cost_usd"] == reserved / 1e9 and rec["user"] == "alice" and rec["estimate"] == "reservation"
+    assert rec["budgets"] == ["d"] and rec["reserved_usd"] == reserved / 1e9 and rec["model_served"] == "gpt-4o"
     day = datetime.fromtimestamp(clock(), timezone.utc).date()
     rep = await query_usage(rds, group_by=["team"], start=day, end=day, prefix=prefix)
     assert (rep.totals.requests, rep.totals.cost_nusd) == (1, reserved)
@@ -60,3 +62,19 @@ async def test_expiry_is_recorded_and_a_late_settle_supersedes_it(rds: aredis.Re
     h = await rds.hgetall(a.counters[0].key)
     assert not [k for k in h if k.startswith((b"r:", b"x:", b"m:"))]
     assert await rds.zcard(a.counters[0].lease_key) == 0
+
+
+async def test_sweep_charges_expired_leases_on_idle_counters(rds: aredis.Redis, prefix: str, clock: FakeClock) -> None:
+    clock.set("2026-11-28T10:00:00")
+    e = BudgetEngine(budgets(*POLICY, {"name": "roll", "limit_usd": 5, "window": {"rolling": "1h"}}), rds,
+                     clock=clock, prefix=prefix)
+    a = await _admit(e, None)
+    cal, roll = (c.key for c in a.counters)
+    assert await e.sweep_expired() == 0  # nothing expired yet: nothing touched
+    assert await rds.hget(cal, "reserved") == str(a.reserved_nusd).encode()
+    clock.advance(31)
+    assert await e.sweep_expired() == 2
+    for key in (cal, roll):
+        h = await rds.hgetall(key)
+        assert h[b"reserved"] == b"0" and b"x:r1" in h
+    assert [s.spent_nusd for s in await e.status({})] == [a.reserved_nusd] * 2
