@@ -214,31 +214,23 @@ class Processor:
     async def _stream_chunk(self, meter: SseMeter, b: HttpBody) -> ProcessingResponse:
         """One chunk of an SSE response (STREAMED mode): account it, enforce the live cap."""
         if meter.cut:
-            # The live cap already ended the stream for the client: later chunks are read for the
-            # provider's usage but never forwarded (see SseMeter). The last message ends it
-            # cleanly (an empty body). Once the usage is in (or the drain limit is hit) an
-            # ImmediateResponse makes Envoy reset both the client stream (already given its
-            # error event) and the upstream request, which stops a provider still generating.
+            # The live cap already ended the stream for the client. The last message ends it
+            # cleanly (an empty body); any other chunk means the provider is still generating
+            # tokens it will bill: an ImmediateResponse makes Envoy reset both the client stream
+            # (already given its error event) and the upstream request, which stops them.
             # (Measured: empty bodies instead keep the client waiting, with nothing more to read,
             # until the provider finishes on its own; the client then sees a clean end.)
-            meter.feed(b.body, b.end_of_stream)
             if b.end_of_stream:
-                record = await self.settler.finish(end="budget_cap")
-                return msg.response_body(CommonResponse(body_mutation=BodyMutation(clear_body=True)), _meta(record))
-            if meter.drained():
-                await self.settler.finish(end="budget_cap")
-                return msg.immediate(200, b"", details="tollgate_budget_cap")
-            return msg.response_body(CommonResponse(body_mutation=BodyMutation(clear_body=True)))
+                return msg.response_body(CommonResponse(body_mutation=BodyMutation(clear_body=True)))
+            return msg.immediate(200, b"", details="tollgate_budget_cap")
         cut = meter.feed(b.body, b.end_of_stream)
         if cut is not None:
             # Over the reservation: end the client's stream after the event that crossed it,
-            # with an error event in the provider's shape. Settled once the rest is read.
+            # with an error event in the provider's shape, then settle.
+            record = await self.settler.finish(end="budget_cap")
             assert self.ctx.api is not None
             body = cut.body + self.ctx.api.stream_error_event(self._cap_error())
-            if b.end_of_stream or meter.drained():
-                record = await self.settler.finish(end="budget_cap")
-                return msg.response_body(msg.common(body=body), _meta(record))
-            return msg.response_body(msg.common(body=body))
+            return msg.response_body(msg.common(body=body), _meta(record))
         if b.end_of_stream:
             record = await self.settler.finish()
             return msg.response_body(meta=_meta(record))

@@ -138,13 +138,11 @@ class SseMeter:
     that crossed it, with an error event in the provider's shape; this holds for the last chunk
     too, where the whole overrun may arrive at once.
 
-    After the cut the meter keeps reading what the provider still sends (the client gets none of
-    it), because the provider's final usage may be a few chunks on: Envoy splits one large write
-    into several messages. It stops reading, and the processor resets the upstream, as soon as
-    that usage arrives, or once the running cost passes twice the reservation (a provider still
-    generating is stopped: draining may cost at most one more reservation). The charge is the
-    provider's own usage when it arrived (it billed what it generated), else the deltas estimate;
-    the overrun goes in the record.
+    The charge is the provider's own usage when it arrived, even in the chunk that was cut (it
+    billed what it generated); else the deltas the client was given. Nothing after the cut is
+    read: the processor resets the upstream at the next chunk, which stops a provider still
+    generating, so a usage that Envoy delivers in a later chunk (one large write split into
+    several messages) is not seen, and the estimate stands. The overrun goes in the record.
     """
 
     def __init__(self, ctx: RequestContext, cap_nusd: int | None) -> None:
@@ -154,13 +152,7 @@ class SseMeter:
         self.state = StreamState()
         self.cut = False  # the client's stream has been ended by the live cap
         self._capping = False  # over the cap, waiting for an event boundary to cut at
-
-    def drained(self) -> bool:
-        """After a cut: nothing more worth reading (the final usage is in, or the drain limit hit)."""
-        st = self.state
-        if st.usage_final or st.done:
-            return True
-        return self.cap_nusd is not None and self.running_cost() > 2 * self.cap_nusd
+        self._at_cut: tuple[int, int] | None = None  # (deltas, estimate) the client had been given
 
     def feed(self, body: bytes, end_of_stream: bool) -> Cut | None:
         """Account one chunk; a Cut when the client's stream must end in it."""
@@ -178,6 +170,7 @@ class SseMeter:
             if cut_at is None and not self.cut and self._over():
                 if end >= 0:
                     cut_at = end
+                    self._at_cut = (st.output_deltas, st.output_estimate)
                 else:
                     self._capping = True
         if self.cut:
@@ -223,7 +216,8 @@ class SseMeter:
             usage = Usage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens)
         else:
             usage = Usage(input_tokens=ctx.req.input_tokens_upper)
-        usage.output_tokens = max(usage.output_tokens, st.output_estimate, st.output_deltas)
+        deltas, estimate = self._at_cut or (st.output_deltas, st.output_estimate)
+        usage.output_tokens = max(usage.output_tokens, estimate, deltas)
         return _priced(ctx, usage, False, "deltas")
 
 
