@@ -7,13 +7,12 @@ two files is an error. Problems are reported all at once with file and line (`to
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import fnmatch
 import os
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +33,21 @@ class _Strict(BaseModel):
 class PricesSection(_Strict):
     models: dict[str, ModelPrice]
     default: ModelPrice | None = Field(default=None, description="price for models not listed; none = refuse them")
+    tools: dict[str, Decimal] = Field(
+        default_factory=dict, description="USD per call of a server-side tool: web_search, web_fetch, file_search, "
+                                          "code_interpreter, image_generation")
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_kinds(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        from .pricing import TOOL_KINDS
+
+        unknown = sorted(set(v) - set(TOOL_KINDS))
+        if unknown:
+            raise ValueError(f"unknown tool(s) {unknown}; use {', '.join(TOOL_KINDS)}")
+        if any(p < 0 for p in v.values()):
+            raise ValueError("tool prices cannot be negative")
+        return v
 
 
 class KeySource(_Strict):
@@ -219,7 +233,7 @@ def load_config(directory: str | os.PathLike[str]) -> Config:
     problems = _cross_check(doc, smap)
     if problems:
         raise PolicyError(problems)
-    prices = PriceTable(doc.prices.models, doc.prices.default)
+    prices = PriceTable(doc.prices.models, doc.prices.default, doc.prices.tools)
     return Config(doc=doc, prices=prices, source=root)
 
 

@@ -29,8 +29,10 @@ class Candidate:
     provider_of: Callable[[str], str | None]  # a downgrade fallback's provider, None if not usable
 
 
-def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: Attrs, path: str) -> Candidate:
-    """Raise GatewayError (400 unpriced, 400 unroutable, 403 not allowed) or return the candidate."""
+def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: Attrs, path: str,
+          choices: int = 1) -> Candidate:
+    """Raise GatewayError (400 unpriced, 400 unroutable, 403 not allowed) or return the candidate.
+    `choices` (chat's `n`) multiplies the output the worst case pays for."""
     prices, rules = config.prices, config.doc.access
     price = prices.lookup(model)
     if price is None:
@@ -45,8 +47,9 @@ def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: A
         raise access.refusal(rules, attrs, model, prices.names())
 
     def cost_fn(m: str, input_tokens: int, output_tokens: int) -> int | None:
+        """The worst case of `output_tokens` per completion, for each completion asked for."""
         p = prices.lookup(m)
-        return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens))
+        return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens) * choices)
 
     def provider_of(m: str) -> str | None:
         # A fallback must be priced, routable for this wire format, and allowed for this caller.
@@ -54,5 +57,5 @@ def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: A
             return None
         return config.route(m, api.wire)
 
-    cap = (output_cap or price.max_output_tokens) if api.has_output else 0
+    cap = (price.max_output_tokens if output_cap is None else output_cap) if api.has_output else 0
     return Candidate(model, price, provider, cap, cost_fn, provider_of)

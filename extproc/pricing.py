@@ -8,7 +8,7 @@ once per request: budgets in Redis stay integers and never drift.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,22 +17,48 @@ NANO_PER_USD = 1_000_000_000
 _NANO_PER_TOKEN_PER_USD_PER_M = Decimal(1000)  # 1 USD/M tokens = 1000 nano-USD per token
 
 
+TOOL_KINDS = ("web_search", "web_fetch", "file_search", "code_interpreter", "image_generation")
+"""Server-side tools a provider charges per call (besides the tokens their results add)."""
+
+
 @dataclass(slots=True)
 class Usage:
-    """Tokens of one response, normalised across providers.
+    """What one response billed, normalised across providers.
 
-    `input_tokens` excludes cached reads and cache writes (OpenAI counts cached tokens inside
-    `prompt_tokens`; the parsers subtract them), so each field is priced at its own rate.
+    `input_tokens` excludes cached reads and cache writes (OpenAI counts both inside
+    `prompt_tokens` / `input_tokens`; the parsers subtract them), so each field is priced at its
+    own rate. Cache writes come in two TTLs: the provider's short one (Anthropic 5 minutes,
+    OpenAI 30 minutes or unspecified) in `cache_write_tokens`, its long one (Anthropic 1 hour,
+    OpenAI 12 hours) in `cache_write_long_tokens`. `reasoning_tokens` are part of
+    `output_tokens` (billed as output), kept apart for the record. `tool_calls` counts per-call
+    priced server tools by kind (TOOL_KINDS). `other_models` holds usage billed at another
+    model's rates inside the same response (Anthropic advisor iterations), as (model, Usage).
     """
 
     input_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
     output_tokens: int = 0
+    cache_write_long_tokens: int = 0
+    reasoning_tokens: int = 0
+    tool_calls: dict[str, int] = field(default_factory=dict)
+    other_models: list[tuple[str, "Usage"]] = field(default_factory=list)
 
     @property
     def total_input_tokens(self) -> int:
-        return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens
+        return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens + self.cache_write_long_tokens
+
+    def add(self, other: "Usage") -> None:
+        """Add another usage billed at the same model's rates (e.g. an Anthropic compaction iteration)."""
+        self.input_tokens += other.input_tokens
+        self.cached_input_tokens += other.cached_input_tokens
+        self.cache_write_tokens += other.cache_write_tokens
+        self.cache_write_long_tokens += other.cache_write_long_tokens
+        self.output_tokens += other.output_tokens
+        self.reasoning_tokens += other.reasoning_tokens
+        for k, n in other.tool_calls.items():
+            self.tool_calls[k] = self.tool_calls.get(k, 0) + n
+        self.other_models.extend(other.other_models)
 
 
 class ModelPrice(BaseModel):
@@ -43,34 +69,67 @@ class ModelPrice(BaseModel):
     input: Decimal = Field(ge=0)
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0, description="defaults to `input`")
-    cache_write: Decimal | None = Field(default=None, ge=0, description="defaults to `input`")
+    cache_write: Decimal | None = Field(default=None, ge=0, description="short-TTL cache writes; defaults to `input`")
+    cache_write_long: Decimal | None = Field(
+        default=None, ge=0, description="long-TTL cache writes (Anthropic 1 h, OpenAI 12 h); defaults to `cache_write`")
     max_output_tokens: int = Field(default=4096, gt=0, description="worst case when a request sets no cap")
+    hidden_reasoning: bool = Field(
+        default=False, description="bills reasoning tokens it never streams (OpenAI reasoning models): a stream "
+                                   "cut before its usage is charged its output cap, not the deltas seen")
+
+    @property
+    def _cache_write(self) -> Decimal:
+        return self.input if self.cache_write is None else self.cache_write
+
+    @property
+    def _cache_write_long(self) -> Decimal:
+        return self._cache_write if self.cache_write_long is None else self.cache_write_long
 
     def cost_nusd(self, usage: Usage) -> int:
-        """Exact cost of `usage`, rounded up to a whole nano-USD."""
-        usd_m = (
+        """Exact token cost of `usage` at this model's rates, rounded up to a whole nano-USD
+        (per-call tool fees and other models' usage are added by PriceTable.cost_nusd)."""
+        return _nusd(self._usd_m(usage))
+
+    def _usd_m(self, usage: Usage) -> Decimal:
+        return (
             usage.input_tokens * self.input
             + usage.cached_input_tokens * (self.input if self.cached_input is None else self.cached_input)
-            + usage.cache_write_tokens * (self.input if self.cache_write is None else self.cache_write)
+            + usage.cache_write_tokens * self._cache_write
+            + usage.cache_write_long_tokens * self._cache_write_long
             + usage.output_tokens * self.output
         )
-        return int((usd_m * _NANO_PER_TOKEN_PER_USD_PER_M).to_integral_value(ROUND_CEILING))
 
     def worst_case_nusd(self, input_tokens: int, output_tokens: int) -> int:
         """Upper bound: every input token at the dearest input rate, every output token paid."""
-        dearest_in = max(self.input, self.cache_write or 0)
-        usd_m = input_tokens * dearest_in + output_tokens * self.output
-        return int((usd_m * _NANO_PER_TOKEN_PER_USD_PER_M).to_integral_value(ROUND_CEILING))
+        dearest_in = max(self.input, self._cache_write, self._cache_write_long)
+        return _nusd(input_tokens * dearest_in + output_tokens * self.output)
+
+
+def _nusd(usd_m: Decimal) -> int:
+    return int((usd_m * _NANO_PER_TOKEN_PER_USD_PER_M).to_integral_value(ROUND_CEILING))
 
 
 class PriceTable:
     """Model name -> price. Exact names win, then globs in file order, then the optional default."""
 
-    def __init__(self, models: dict[str, ModelPrice], default: ModelPrice | None = None) -> None:
+    def __init__(self, models: dict[str, ModelPrice], default: ModelPrice | None = None,
+                 tools: dict[str, Decimal] | None = None) -> None:
         self._exact = {k: v for k, v in models.items() if not _is_glob(k)}
         self._globs = [(k, v) for k, v in models.items() if _is_glob(k)]
         self.default = default
+        self.tools = dict(tools or {})  # USD per call, by tool kind
         self._cache: dict[str, ModelPrice | None] = {}
+
+    def cost_nusd(self, price: ModelPrice, usage: Usage) -> int:
+        """What the provider bills for `usage`: its tokens at `price`, per-call tool fees from the
+        table, and usage billed at other models' rates at theirs (an unpriced one at `price`'s:
+        never $0). One rounding, up, at the end."""
+        usd_m = price._usd_m(usage)
+        for kind, n in usage.tool_calls.items():
+            usd_m += n * self.tools.get(kind, Decimal(0)) * 1_000_000
+        for model, u in usage.other_models:
+            usd_m += (self.lookup(model) or price)._usd_m(u)
+        return _nusd(usd_m)
 
     def __contains__(self, model: str) -> bool:
         return self.lookup(model) is not None

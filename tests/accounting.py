@@ -244,11 +244,13 @@ class Prices:
     """policies/prices.yaml read on its own: exact names win, then globs in file order."""
 
     def __init__(self, path: Path = PRICES) -> None:
-        models = yaml.safe_load(path.read_text())["prices"]["models"]
+        doc = yaml.safe_load(path.read_text())["prices"]
+        models = doc["models"]
+        self.tools = {k: Decimal(str(v)) for k, v in (doc.get("tools") or {}).items()}  # USD per call
         self._exact: dict[str, dict[str, Decimal]] = {}
         self._globs: list[tuple[str, dict[str, Decimal]]] = []
         for name, entry in models.items():
-            rates = {k: Decimal(str(v)) for k, v in entry.items()}
+            rates = {k: Decimal(str(v)) for k, v in entry.items() if not isinstance(v, bool)}
             if any(ch in name for ch in "*?["):
                 self._globs.append((name, rates))
             else:
@@ -262,17 +264,28 @@ class Prices:
                 return rates
         raise KeyError(f"no price for {model!r} in {PRICES}")
 
-    def cost_nusd(self, model: str, *, input_tokens: int = 0, cached: int = 0, cache_write: int = 0,
-                  output_tokens: int = 0) -> int:
-        """USD per million tokens = 1000 nano-USD per token; rounded up to a whole nano-USD."""
+    def usd_m(self, model: str, *, input_tokens: int = 0, cached: int = 0, cache_write: int = 0,
+              cache_write_1h: int = 0, output_tokens: int = 0) -> Decimal:
+        """Tokens times USD per million tokens (short-TTL cache writes at `cache_write`, long-TTL at
+        `cache_write_long`, each defaulting as the table's header says)."""
         p = self.rates(model)
-        usd_m = (input_tokens * p["input"] + cached * p.get("cached_input", p["input"])
-                 + cache_write * p.get("cache_write", p["input"]) + output_tokens * p["output"])
-        return int((usd_m * 1000).to_integral_value(ROUND_CEILING))
+        write = p.get("cache_write", p["input"])
+        return (input_tokens * p["input"] + cached * p.get("cached_input", p["input"]) + cache_write * write
+                + cache_write_1h * p.get("cache_write_long", write) + output_tokens * p["output"])
+
+    def cost_nusd(self, model: str, **tokens: int) -> int:
+        """USD per million tokens = 1000 nano-USD per token; rounded up to a whole nano-USD."""
+        return int((self.usd_m(model, **tokens) * 1000).to_integral_value(ROUND_CEILING))
 
     def ledger_cost(self, entry: Mapping[str, Any]) -> int:
-        return self.cost_nusd(entry["model"], input_tokens=entry["input_tokens"], cached=entry["cached"],
-                              cache_write=entry["cache_write"], output_tokens=entry["output_tokens"])
+        """What the fake billed for one ledger entry: its tokens, its long-TTL cache writes, its
+        per-call tool fees, and iterations billed at another model's rates."""
+        usd_m = self.usd_m(entry["model"], input_tokens=entry["input_tokens"], cached=entry["cached"],
+                           cache_write=entry["cache_write"], cache_write_1h=entry.get("cache_write_1h", 0),
+                           output_tokens=entry["output_tokens"])
+        for kind, n in (entry.get("tool_calls") or {}).items():
+            usd_m += n * self.tools.get(kind, Decimal(0)) * 1_000_000
+        return int((usd_m * 1000).to_integral_value(ROUND_CEILING))
 
 
 def fake_ledger(fake_port: int, **filters: str) -> list[dict[str, Any]]:

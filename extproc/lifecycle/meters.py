@@ -15,6 +15,8 @@ Estimates, each never below what was visibly delivered (docs/budgets.md, "When u
                   upper bound plus one output token per 4 bytes of the body received.
 * `deltas`        a stream cut short before its final usage: the provider's input count if it gave
                   one (else the upper bound) plus the output deltas seen, counted conservatively.
+                  A model that bills reasoning it never streams (`hidden_reasoning` in the price
+                  table) is charged its `reservation` instead, as is its JSON body without usage.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Metered:
 
 
 def _priced(ctx: RequestContext, usage: Usage | None, complete: bool, estimate: Estimate | None = None) -> Metered:
-    cost = ctx.price.cost_nusd(usage) if (ctx.price is not None and usage is not None) else 0
+    cost = ctx.config.prices.cost_nusd(ctx.price, usage) if (ctx.price is not None and usage is not None) else 0
     adm = ctx.admission
     reserved = adm.reserved_nusd if adm is not None and adm.counters else 0
     overrun = max(0, cost - reserved) if reserved else 0
@@ -56,14 +58,15 @@ def _reservation(ctx: RequestContext) -> Metered:
     """The most the request could have cost: what was reserved for it (or its worst case)."""
     assert ctx.req is not None
     adm = ctx.admission
-    cap = adm.max_output_tokens if adm is not None else (ctx.req.output_cap or (ctx.price.max_output_tokens if ctx.price else 0))
+    cap = adm.max_output_tokens if adm is not None else (
+        ctx.req.output_cap if ctx.req.output_cap is not None else (ctx.price.max_output_tokens if ctx.price else 0))
     if ctx.api is not None and not ctx.api.has_output:
         cap = 0
-    usage = Usage(input_tokens=ctx.req.input_tokens_upper, output_tokens=cap)
+    usage = Usage(input_tokens=ctx.req.input_tokens_upper, output_tokens=cap * ctx.req.choices)
     if adm is not None and adm.counters:
         cost = adm.reserved_nusd
     else:
-        cost = ctx.price.worst_case_nusd(usage.input_tokens, cap) if ctx.price is not None else 0
+        cost = ctx.price.worst_case_nusd(usage.input_tokens, usage.output_tokens) if ctx.price is not None else 0
     return Metered(usage, cost, False, "reservation")
 
 
@@ -117,6 +120,8 @@ class JsonMeter:
             usage = ctx.api.usage_from_json(obj) if ctx.api is not None else None
         if usage is not None:
             return _priced(ctx, usage, True)
+        if ctx.price is not None and ctx.price.hidden_reasoning:
+            return _reservation(ctx)  # the body cannot show the reasoning tokens it billed
         out = (len(raw) // 4) if (ctx.api is not None and ctx.api.has_output) else 0
         return _priced(ctx, Usage(input_tokens=ctx.req.input_tokens_upper, output_tokens=max(out, 1 if raw else 0)),
                        False, "body_bytes")
@@ -197,7 +202,7 @@ class SseMeter:
         if st.usage is not None and st.usage.total_input_tokens:
             u = st.usage
             return ctx.price.cost_nusd(Usage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens,
-                                             max(u.output_tokens, st.output_deltas)))
+                                             max(u.output_tokens, st.output_deltas), u.cache_write_long_tokens))
         return ctx.price.worst_case_nusd(ctx.req.input_tokens_upper, st.output_deltas)
 
     def result(self, end: str) -> Metered:
@@ -211,9 +216,14 @@ class SseMeter:
         if st.usage is not None and st.usage_final:
             # The provider's own count, whenever it arrived (even if the stream was cut after it).
             return _priced(ctx, st.usage, end == "completed" and st.done and not self.cut)
+        if ctx.price is not None and ctx.price.hidden_reasoning:
+            # Cut before its usage: the reasoning tokens it billed never showed as deltas
+            # (charged as 0 they undercharged a reasoning model by 69%).
+            return _reservation(ctx)
         if st.usage is not None and st.usage.total_input_tokens:
             u = st.usage
-            usage = Usage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens)
+            usage = Usage(u.input_tokens, u.cached_input_tokens, u.cache_write_tokens, u.output_tokens,
+                          u.cache_write_long_tokens, tool_calls=dict(u.tool_calls))
         else:
             usage = Usage(input_tokens=ctx.req.input_tokens_upper)
         deltas, estimate = self._at_cut or (st.output_deltas, st.output_estimate)

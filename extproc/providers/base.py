@@ -29,6 +29,7 @@ class ParsedRequest:
     stream: bool
     output_cap: int | None  # the client's max_tokens (or equivalent); None = not set
     input_tokens_upper: int  # never below the real input token count
+    choices: int = 1  # completions asked for (chat's `n`): each one bills up to the output cap
 
 
 @dataclass(slots=True)
@@ -71,6 +72,8 @@ class Api:
     shape: ClassVar[Shape] = "openai"
     wire: ClassVar[str] = "openai"  # which providers can serve it: providers list the wires they speak
     cap_fields: ClassVar[tuple[str, ...]] = ()  # body fields holding the output cap, first wins
+    min_cap: ClassVar[int] = 1  # the smallest output cap the API accepts
+    choices_field: ClassVar[str | None] = None  # body field asking for several completions
     has_output: ClassVar[bool] = True
 
     def parse(self, raw: bytes) -> ParsedRequest:
@@ -87,10 +90,17 @@ class Api:
         for f in self.cap_fields:
             v = body.get(f)
             if v is not None:
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise bad_request(f"`{f}` must be a positive integer.", code="invalid_value", param=f)
+                if not isinstance(v, int) or isinstance(v, bool) or v < self.min_cap:
+                    what = "a positive integer" if self.min_cap else "a non-negative integer"
+                    raise bad_request(f"`{f}` must be {what}.", code="invalid_value", param=f)
                 cap = v
                 break
+        choices = 1
+        if self.choices_field is not None and body.get(self.choices_field) is not None:
+            choices = body[self.choices_field]
+            if not isinstance(choices, int) or isinstance(choices, bool) or not 1 <= choices <= 128:
+                raise bad_request(f"`{self.choices_field}` must be an integer from 1 to 128.", code="invalid_value",
+                                  param=self.choices_field)
         images = sum(raw.count(m) for m in _IMAGE_MARKERS)
         return ParsedRequest(
             body=body,
@@ -98,6 +108,7 @@ class Api:
             stream=body.get("stream") is True,
             output_cap=cap,
             input_tokens_upper=len(raw) + images * IMAGE_TOKENS_UPPER,
+            choices=choices,
         )
 
     def set_model(self, body: dict[str, Any], model: str) -> None:
@@ -145,14 +156,28 @@ def json_object(data: bytes) -> dict[str, Any] | None:
 
 
 def openai_usage(u: Any, input_key: str, output_key: str) -> Usage | None:
-    """OpenAI counts cached tokens inside the input total (`*_tokens_details.cached_tokens`);
-    split them out so each is priced at its own rate."""
+    """OpenAI's usage object (chat: prompt/completion tokens; Responses: input/output tokens).
+
+    OpenAI counts cache reads (`*_details.cached_tokens`) and cache writes
+    (`*_details.cache_write_tokens`, split by TTL in `cache_write_tokens_details`: 30 minutes,
+    12 hours) inside the input total: they are taken out so each is priced at its own rate.
+    Reasoning tokens (`*_details.reasoning_tokens`) are inside the output total and billed as
+    output; they are kept apart for the record.
+    """
     if not isinstance(u, dict):
         return None
     total_in = as_int(u.get(input_key))
     details = u.get(input_key + "_details")
-    cached = min(as_int(details.get("cached_tokens")), total_in) if isinstance(details, dict) else 0
-    return Usage(input_tokens=total_in - cached, cached_input_tokens=cached, output_tokens=as_int(u.get(output_key)))
+    details = details if isinstance(details, dict) else {}
+    cached = min(as_int(details.get("cached_tokens")), total_in)
+    writes = min(as_int(details.get("cache_write_tokens")), total_in - cached)
+    ttl = details.get("cache_write_tokens_details")
+    long_writes = min(as_int(ttl.get("ttl_12h_tokens")), writes) if isinstance(ttl, dict) else 0
+    out_details = u.get(output_key + "_details")
+    reasoning = as_int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    return Usage(input_tokens=total_in - cached - writes, cached_input_tokens=cached,
+                 cache_write_tokens=writes - long_writes, cache_write_long_tokens=long_writes,
+                 output_tokens=as_int(u.get(output_key)), reasoning_tokens=reasoning)
 
 
 def as_int(v: Any) -> int:

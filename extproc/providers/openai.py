@@ -17,6 +17,7 @@ from .base import Api, StreamState, as_int, count_delta, json_object, openai_usa
 class ChatCompletions(Api):
     name = "openai.chat"
     cap_fields = ("max_completion_tokens", "max_tokens")
+    choices_field = "n"
 
     def prepare_stream(self, body: dict[str, Any]) -> bool:
         """Ask for the final usage chunk: without it a streamed response cannot be priced."""
@@ -36,8 +37,8 @@ class ChatCompletions(Api):
         obj = json_object(data)
         if obj is None:
             return
-        if state.served_model is None and isinstance(obj.get("model"), str):
-            state.served_model = obj["model"]
+        if not state.served_model and isinstance(obj.get("model"), str):
+            state.served_model = obj["model"] or None  # Azure's first chunk says "": keep looking
         if "error" in obj:
             state.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
         for choice in obj.get("choices") or ():
@@ -49,12 +50,25 @@ class ChatCompletions(Api):
             state.usage, state.usage_final = usage, True
 
 
+# Responses output items that carry a per-call fee, by the tool kind the price table names.
+_TOOL_ITEMS = {"web_search_call": "web_search", "file_search_call": "file_search",
+               "code_interpreter_call": "code_interpreter", "image_generation_call": "image_generation"}
+
+
 class Responses(Api):
     name = "openai.responses"
     cap_fields = ("max_output_tokens",)
 
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
-        return openai_usage(obj.get("usage"), "input_tokens", "output_tokens")
+        """A response object's usage, plus its server tool calls (one fee per output item)."""
+        usage = openai_usage(obj.get("usage"), "input_tokens", "output_tokens")
+        if usage is None:
+            return None
+        for item in obj.get("output") or ():
+            kind = _TOOL_ITEMS.get(item.get("type")) if isinstance(item, dict) else None
+            if kind is not None:
+                usage.tool_calls[kind] = usage.tool_calls.get(kind, 0) + 1
+        return usage
 
     def on_event(self, state: StreamState, event: str, data: bytes) -> None:
         obj = json_object(data)
@@ -66,11 +80,13 @@ class Responses(Api):
             return
         resp = obj.get("response")
         if isinstance(resp, dict):
-            if isinstance(resp.get("model"), str):
+            if isinstance(resp.get("model"), str) and resp["model"]:
                 state.served_model = resp["model"]
             if kind in ("response.completed", "response.incomplete", "response.failed"):
                 state.done = True
                 usage = self.usage_from_json(resp)
+                if usage is None and kind == "response.failed" and "usage" in resp:
+                    usage = Usage()  # failed with `usage: null`: the provider bills nothing
                 if usage is not None:
                     state.usage, state.usage_final = usage, True
                 if kind == "response.failed" and isinstance(resp.get("error"), dict):
