@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pathlib import Path
-
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -54,13 +55,47 @@ class Gateway:
         self.admitter = Admitter(self.budgets, self.metrics)
 
     async def sweep_leases(self, interval: float = 10.0) -> None:
-        """Every `interval` s, charge leases that expired on idle counters (see BudgetEngine.sweep_expired)."""
+        """Every `interval` s, charge leases that expired on idle counters (see
+        BudgetEngine.sweep_expired) and copy the records Redis wrote for them to the sinks."""
         while self.budgets is not None:
             await asyncio.sleep(interval)
             try:
                 await self.budgets.sweep_expired()
+                await self.export_expired()
             except Exception as e:  # Redis down: the request path reports it; try again later
                 log.debug("expired-lease sweep failed: %s", e)
+
+    async def export_expired(self, key: str = "tollgate:attribution:expired", consumer: str = "",
+                             batch: int = 500) -> int:
+        """Copy the records Redis wrote for leases that expired into a charge (stream
+        `tollgate:attribution:expired`) to this process's sinks, so the record files hold them too.
+
+        One consumer group shared by every ext_proc: each record goes to one of them. At least
+        once: a crash between the write and the XACK writes it again, which the reconciliation
+        rule (the last record per request_id wins) absorbs. Returns how many were exported."""
+        if self.redis is None or not await self.redis.exists(key):  # Redis creates it at the first expiry
+            return 0
+        try:
+            await self.redis.xgroup_create(key, "exporters", id="0", mkstream=True)
+        except aioredis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        done = 0
+        while True:
+            got = await self.redis.xreadgroup("exporters", consumer or f"pid-{os.getpid()}", {key: ">"}, count=batch)
+            entries = got[0][1] if got else []
+            if not entries:
+                return done
+            ids = []
+            for entry_id, fields in entries:
+                try:
+                    self.sink(orjson.loads(fields[b"record"]))
+                except (KeyError, orjson.JSONDecodeError):
+                    log.error("unreadable expired-lease record %s in %s", entry_id, key)
+                ids.append(entry_id)
+            await self.redis.xack(key, "exporters", *ids)
+            await self.redis.xdel(key, *ids)
+            done += len(ids)
 
     async def replay_outbox(self, interval: float = 1.0) -> None:
         """Replay settles the outbox holds whenever Redis answers again (every `interval` s)."""

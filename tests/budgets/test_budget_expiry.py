@@ -78,3 +78,27 @@ async def test_sweep_charges_expired_leases_on_idle_counters(rds: aredis.Redis, 
         h = await rds.hgetall(key)
         assert h[b"reserved"] == b"0" and b"x:r1" in h
     assert [s.spent_nusd for s in await e.status({})] == [a.reserved_nusd] * 2
+
+
+async def test_expired_lease_records_reach_the_record_files(rds: aredis.Redis, prefix: str, clock: FakeClock,
+                                                            redis_url: str) -> None:
+    """Redis writes an expired lease's record itself; the ext_procs copy it to their sinks (the
+    record files), each record once, through one consumer group."""
+    from extproc.app import Gateway
+    from extproc.config import load_config
+    from extproc.identity import Authenticator
+
+    clock.set("2026-11-28T10:00:00")
+    e = BudgetEngine(budgets(*POLICY), rds, clock=clock, prefix=prefix)
+    await _admit(e, lambda model, provider, names, reserved: lease_meta(
+        _record(model_served=model, budgets=names), prefix=prefix))
+    clock.advance(31)
+    await e.sweep_expired()
+    config = load_config("policies")
+    got: list[dict] = []
+    gws = [Gateway(config=config, sink=got.append, auth=Authenticator(config.doc.identity), redis=rds) for _ in range(2)]
+    key = f"{prefix}attribution:expired"
+    assert [await gw.export_expired(key, consumer=f"c{i}") for i, gw in enumerate(gws)] == [1, 0]
+    (rec,) = got
+    assert rec["request_id"] == "r1" and rec["settlement"] == "lease_expired" and rec["budgets"] == ["d"]
+    assert await rds.xlen(key) == 0  # exported records leave the hand-off stream

@@ -97,8 +97,11 @@ local function expire_into_charge(h, c, rid, amount)
   redis.call('HINCRBY', m[1], 'requests|' .. m[5], 1)
   redis.call('HINCRBY', m[1], 'cost_nusd|' .. m[5], I(amount))
   if redis.call('TTL', m[1]) < 0 then redis.call('EXPIRE', m[1], USAGE_TTL) end
-  append_record(m[2], m[3], m[4], c.now, m[6] .. ',"settlement":"lease_expired","end":"lease_expired",' ..
-    '"estimate":"reservation","complete":false,"cost_nusd":' .. I(amount) .. ',"cost_usd":' .. usd(amount) .. '}')
+  local record = m[6] .. ',"settlement":"lease_expired","end":"lease_expired",' ..
+    '"estimate":"reservation","complete":false,"cost_nusd":' .. I(amount) .. ',"cost_usd":' .. usd(amount) .. '}'
+  append_record(m[2], m[3], m[4], c.now, record)
+  -- and for the exporters, which copy it to the record files (extproc/app.py export_expired)
+  redis.call('XADD', m[2] .. ':expired', 'MAXLEN', '~', 100000, '*', 'record', record)
 end
 
 -- Expired entries of the lease zset: live leases become charges, old tombstones go.
