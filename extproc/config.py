@@ -121,8 +121,24 @@ if TYPE_CHECKING:
     from .usage import StreamBound
 
 
+class BoundsSection(_Strict):
+    """Allowances the worst case assumes for what a request body cannot show (docs/pricing.md)."""
+
+    server_tool_calls: int = Field(
+        default=10, ge=0, description="calls a server tool (web search, file search, ...) may make when the "
+                                      "request sets no max_uses / max_tool_calls")
+    server_tool_input_tokens: int = Field(
+        default=20_000, ge=0, description="input tokens each server tool call may add (its results are billed as input)")
+    document_input_tokens: int = Field(
+        default=100_000, ge=0, description="input tokens a document or file given by URL or file id may bill")
+    stateful_input_tokens: int = Field(
+        default=400_000, ge=0, description="input tokens the stored context of previous_response_id / conversation "
+                                           "may bill (Responses API)")
+
+
 class GatewaySection(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    bounds: BoundsSection = BoundsSection()
     request_timeout_seconds: float = Field(default=600, gt=0, description="longest an LLM request may run")
     lease_grace_seconds: float = Field(
         default=60, gt=0, description="a reservation's lease outlives the request timeout by this much; a lease "

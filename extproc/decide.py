@@ -30,9 +30,10 @@ class Candidate:
 
 
 def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: Attrs, path: str,
-          choices: int = 1) -> Candidate:
+          choices: int = 1, server_tools: dict[str, int] | None = None) -> Candidate:
     """Raise GatewayError (400 unpriced, 400 unroutable, 403 not allowed) or return the candidate.
-    `choices` (chat's `n`) multiplies the output the worst case pays for."""
+    `choices` (chat's `n`) multiplies the output the worst case pays for; `server_tools` (kind ->
+    most calls) adds their per-call fees."""
     prices, rules = config.prices, config.doc.access
     price = prices.lookup(model)
     if price is None:
@@ -46,10 +47,13 @@ def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: A
     if rules and not access.allowed(rules, attrs, model):
         raise access.refusal(rules, attrs, model, prices.names())
 
+    fees = prices.tool_fees_nusd(server_tools or {})
+
     def cost_fn(m: str, input_tokens: int, output_tokens: int) -> int | None:
-        """The worst case of `output_tokens` per completion, for each completion asked for."""
+        """The worst case of `output_tokens` per completion, for each completion asked for, plus
+        the fees of every server tool call the request allows."""
         p = prices.lookup(m)
-        return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens) * choices)
+        return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens) * choices) + fees
 
     def provider_of(m: str) -> str | None:
         # A fallback must be priced, routable for this wire format, and allowed for this caller.

@@ -34,7 +34,8 @@ REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 PHASE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 TOKEN_KINDS = (("input", "input_tokens"), ("cached_input", "cached_input_tokens"),
-               ("cache_write", "cache_write_tokens"), ("output", "output_tokens"))
+               ("cache_write", "cache_write_tokens"),
+               ("cache_write_long", "cache_write_long_tokens"), ("output", "output_tokens"))
 
 UNKNOWN = "unknown"
 NO_TEAM = "none"

@@ -76,6 +76,13 @@ class ModelPrice(BaseModel):
     hidden_reasoning: bool = Field(
         default=False, description="bills reasoning tokens it never streams (OpenAI reasoning models): a stream "
                                    "cut before its usage is charged its output cap, not the deltas seen")
+    long_context: "LongContextPrice | None" = Field(
+        default=None, description="the rates of the whole request once its input passes a threshold")
+
+    def tier(self, input_tokens: int) -> "ModelPrice":
+        """The rates that apply to a request with this many input tokens (all kinds together)."""
+        lc = self.long_context
+        return lc if lc is not None and input_tokens > lc.above_input_tokens else self
 
     @property
     def _cache_write(self) -> Decimal:
@@ -91,6 +98,9 @@ class ModelPrice(BaseModel):
         return _nusd(self._usd_m(usage))
 
     def _usd_m(self, usage: Usage) -> Decimal:
+        p = self.tier(usage.total_input_tokens)
+        if p is not self:
+            return p._usd_m(usage)
         return (
             usage.input_tokens * self.input
             + usage.cached_input_tokens * (self.input if self.cached_input is None else self.cached_input)
@@ -100,9 +110,21 @@ class ModelPrice(BaseModel):
         )
 
     def worst_case_nusd(self, input_tokens: int, output_tokens: int) -> int:
-        """Upper bound: every input token at the dearest input rate, every output token paid."""
-        dearest_in = max(self.input, self._cache_write, self._cache_write_long)
-        return _nusd(input_tokens * dearest_in + output_tokens * self.output)
+        """Upper bound: every input token at the dearest input rate of the tier this many input
+        tokens fall in, every output token paid."""
+        p = self.tier(input_tokens)
+        dearest_in = max(p.input, p._cache_write, p._cache_write_long)
+        return _nusd(input_tokens * dearest_in + output_tokens * p.output)
+
+
+class LongContextPrice(ModelPrice):
+    """Rates for requests whose input (cached and cache writes included) passes `above_input_tokens`
+    (e.g. OpenAI over 272K, Gemini Pro and Claude Sonnet 4.x over 200K): they apply to the whole request."""
+
+    above_input_tokens: int = Field(gt=0)
+
+
+ModelPrice.model_rebuild()
 
 
 def _nusd(usd_m: Decimal) -> int:
@@ -119,6 +141,10 @@ class PriceTable:
         self.default = default
         self.tools = dict(tools or {})  # USD per call, by tool kind
         self._cache: dict[str, ModelPrice | None] = {}
+
+    def tool_fees_nusd(self, calls: dict[str, int]) -> int:
+        """Per-call fees of server tool calls, rounded up."""
+        return _nusd(sum((n * self.tools.get(kind, Decimal(0)) * 1_000_000 for kind, n in calls.items()), Decimal(0)))
 
     def cost_nusd(self, price: ModelPrice, usage: Usage) -> int:
         """What the provider bills for `usage`: its tokens at `price`, per-call tool fees from the

@@ -101,7 +101,7 @@ class Processor:
             limit = ctx.config.gateway.max_request_bytes
             if len(raw) > limit:
                 raise _too_large(len(raw), limit)
-            req = ctx.req = api.parse(raw)
+            req = ctx.req = api.parse(raw, ctx.config.gateway.bounds)
             changed = await self.gw.admitter.admit(ctx)
             changed = (req.stream and api.prepare_stream(req.body)) or changed
             body = _dumps(req.body) if changed else None

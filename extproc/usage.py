@@ -21,7 +21,8 @@ import redis.asyncio as aredis
 from .budgets.store import UsageWrite
 
 DIMENSIONS = ("user", "team", "app", "group", "model", "provider", "service_token")
-METRICS = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "cost_nusd")
+METRICS = ("requests", "input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens",
+           "cache_write_long_tokens", "reasoning_tokens", "cost_nusd")
 # The tuple stored per request; `group` is reported from the `groups` list (one row per group).
 _TUPLE = ("user", "team", "app", "groups", "model", "provider", "service_token")
 STREAM = "attribution"
@@ -101,6 +102,8 @@ class UsageRow:
     output_tokens: int = 0
     cached_input_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_long_tokens: int = 0
+    reasoning_tokens: int = 0
     cost_nusd: int = 0
 
     def add(self, metrics: Mapping[str, int]) -> None:

@@ -250,7 +250,10 @@ class Prices:
         self._exact: dict[str, dict[str, Decimal]] = {}
         self._globs: list[tuple[str, dict[str, Decimal]]] = []
         for name, entry in models.items():
-            rates = {k: Decimal(str(v)) for k, v in entry.items() if not isinstance(v, bool)}
+            rates: dict[str, Any] = {k: Decimal(str(v)) for k, v in entry.items() if isinstance(v, (int, float))
+                                     and not isinstance(v, bool)}
+            if isinstance(entry.get("long_context"), dict):  # the rates past a prompt-size threshold
+                rates["long_context"] = {k: Decimal(str(v)) for k, v in entry["long_context"].items()}
             if any(ch in name for ch in "*?["):
                 self._globs.append((name, rates))
             else:
@@ -269,6 +272,9 @@ class Prices:
         """Tokens times USD per million tokens (short-TTL cache writes at `cache_write`, long-TTL at
         `cache_write_long`, each defaulting as the table's header says)."""
         p = self.rates(model)
+        lc = p.get("long_context")
+        if lc is not None and input_tokens + cached + cache_write + cache_write_1h > lc["above_input_tokens"]:
+            p = lc
         write = p.get("cache_write", p["input"])
         return (input_tokens * p["input"] + cached * p.get("cached_input", p["input"]) + cache_write * write
                 + cache_write_1h * p.get("cache_write_long", write) + output_tokens * p["output"])

@@ -22,6 +22,18 @@ class Messages(Api):
         body = {"type": "error", "error": {"type": err.get("type"), "message": err.get("message")}}
         return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
 
+    def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
+        """Server tools (`web_search_*`, `web_fetch_*` types), each up to its `max_uses`."""
+        out: dict[str, int] = {}
+        for t in body.get("tools") or ():
+            kind = next((k for k in ("web_search", "web_fetch") if str(t.get("type") or "").startswith(k + "_")),
+                        None) if isinstance(t, dict) else None
+            if kind is not None:
+                uses = t.get("max_uses")
+                n = uses if isinstance(uses, int) and not isinstance(uses, bool) and uses >= 0 else default_calls
+                out[kind] = out.get(kind, 0) + n
+        return out
+
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
         u = obj.get("usage")
         return anthropic_usage(u) if isinstance(u, dict) else None

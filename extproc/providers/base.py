@@ -7,17 +7,37 @@ know which provider it talks to.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
 from ..errors import Shape, bad_request
 from ..pricing import Usage
 
+if TYPE_CHECKING:
+    from ..config import BoundsSection as Bounds
+
 # Tokens charged per image part when estimating an upper bound: image tokens do not show in the
 # body's bytes when the image is a URL. Generous on purpose: an estimate must never be low.
 IMAGE_TOKENS_UPPER = 3000
 _IMAGE_MARKERS = (b'"image_url"', b'"input_image"', b'"image"')
+# Content parts that may point at a document instead of carrying it (the body shows only its URL or id).
+_DOCUMENT_MARKERS = (b'"document"', b'"input_file"', b'"file"')
+_DOCUMENT_TYPES = frozenset({"document", "input_file", "file"})
+_INLINE_KEYS = ("data", "file_data", "text", "content")  # an inline document's bytes are in the body already
+
+
+def _referenced_documents(obj: Any) -> int:
+    """Documents or files given by URL or id anywhere in the body (inline ones are counted by size)."""
+    if isinstance(obj, list):
+        return sum(_referenced_documents(x) for x in obj)
+    if not isinstance(obj, dict):
+        return 0
+    if obj.get("type") in _DOCUMENT_TYPES:
+        inner = obj.get("source") or obj.get("file") or obj
+        if isinstance(inner, dict) and not any(isinstance(inner.get(k), str) and inner[k] for k in _INLINE_KEYS):
+            return 1
+    return sum(_referenced_documents(v) for v in obj.values() if isinstance(v, (dict, list)))
 
 
 @dataclass(slots=True)
@@ -30,6 +50,7 @@ class ParsedRequest:
     output_cap: int | None  # the client's max_tokens (or equivalent); None = not set
     input_tokens_upper: int  # never below the real input token count
     choices: int = 1  # completions asked for (chat's `n`): each one bills up to the output cap
+    server_tools: dict[str, int] = field(default_factory=dict)  # tool kind -> most calls it may make
 
 
 @dataclass(slots=True)
@@ -76,7 +97,10 @@ class Api:
     choices_field: ClassVar[str | None] = None  # body field asking for several completions
     has_output: ClassVar[bool] = True
 
-    def parse(self, raw: bytes) -> ParsedRequest:
+    def parse(self, raw: bytes, bounds: "Bounds | None" = None) -> ParsedRequest:
+        """Parse a request body and bound its input. `bounds` (the policy's `gateway.bounds`)
+        gives the allowances for what the body cannot show: server tool calls and their results,
+        documents by reference, stored context."""
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as e:
@@ -102,14 +126,32 @@ class Api:
                 raise bad_request(f"`{self.choices_field}` must be an integer from 1 to 128.", code="invalid_value",
                                   param=self.choices_field)
         images = sum(raw.count(m) for m in _IMAGE_MARKERS)
+        upper = len(raw) + images * IMAGE_TOKENS_UPPER
+        tools: dict[str, int] = {}
+        if bounds is not None:
+            tools = self.server_tools(body, bounds.server_tool_calls)
+            upper += sum(tools.values()) * bounds.server_tool_input_tokens
+            if any(m in raw for m in _DOCUMENT_MARKERS):
+                upper += _referenced_documents(body) * bounds.document_input_tokens
+            if self.stateful(body):
+                upper += bounds.stateful_input_tokens
         return ParsedRequest(
             body=body,
             model=model,
             stream=body.get("stream") is True,
             output_cap=cap,
-            input_tokens_upper=len(raw) + images * IMAGE_TOKENS_UPPER,
+            input_tokens_upper=upper,
             choices=choices,
+            server_tools=tools,
         )
+
+    def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
+        """Server-side tools the request enables, with the most calls each may make."""
+        return {}
+
+    def stateful(self, body: dict[str, Any]) -> bool:
+        """True when the provider adds stored context the body does not carry."""
+        return False
 
     def set_model(self, body: dict[str, Any], model: str) -> None:
         body["model"] = model

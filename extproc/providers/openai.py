@@ -19,6 +19,10 @@ class ChatCompletions(Api):
     cap_fields = ("max_completion_tokens", "max_tokens")
     choices_field = "n"
 
+    def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
+        """The search models' `web_search_options` searches the web on the provider's side."""
+        return {"web_search": default_calls} if body.get("web_search_options") is not None else {}
+
     def prepare_stream(self, body: dict[str, Any]) -> bool:
         """Ask for the final usage chunk: without it a streamed response cannot be priced."""
         opts = body.get("stream_options")
@@ -55,9 +59,29 @@ _TOOL_ITEMS = {"web_search_call": "web_search", "file_search_call": "file_search
                "code_interpreter_call": "code_interpreter", "image_generation_call": "image_generation"}
 
 
+def _tool_kind(tool_type: str) -> str | None:
+    for prefix, kind in (("web_search", "web_search"), ("file_search", "file_search"),
+                         ("code_interpreter", "code_interpreter"), ("image_generation", "image_generation")):
+        if tool_type.startswith(prefix):
+            return kind
+    return None
+
+
 class Responses(Api):
     name = "openai.responses"
     cap_fields = ("max_output_tokens",)
+
+    def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
+        """Built-in tools (web_search*, file_search, code_interpreter, image_generation); the
+        request's `max_tool_calls` caps all built-in calls together."""
+        kinds = {kind for t in body.get("tools") or () if isinstance(t, dict)
+                 and (kind := _tool_kind(str(t.get("type") or ""))) is not None}
+        limit = body.get("max_tool_calls")
+        calls = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 else default_calls
+        return {k: calls for k in sorted(kinds)}
+
+    def stateful(self, body: dict[str, Any]) -> bool:
+        return bool(body.get("previous_response_id") or body.get("conversation"))
 
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
         """A response object's usage, plus its server tool calls (one fee per output item)."""
