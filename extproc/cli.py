@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 DEFAULT_POLICIES = os.environ.get("TOLLGATE_POLICIES", "policies")
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("check", help="validate a policy directory; exit 1 on any problem")
     p.add_argument("policies", nargs="?", default=DEFAULT_POLICIES)
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("prices", help="the rates in force today (or --at DATE) for every priced model")
+    p.add_argument("--policies", default=DEFAULT_POLICIES)
+    p.add_argument("--at", help="a day, YYYY-MM-DD (UTC; default: today)")
+    p.add_argument("--model", default="*", help="glob on the table's names, e.g. 'claude-*'")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=_prices)
 
     p = sub.add_parser("envoy-config", help="print the Envoy bootstrap for a policy directory")
     p.add_argument("--policies", default=DEFAULT_POLICIES)
@@ -94,10 +102,42 @@ def _load(policies: str):
         sys.exit(1)
 
 
+STALE_PRICE_DAYS = 90
+
+
 def _check(args: argparse.Namespace) -> None:
     config = _load(args.policies)
     print(f"{args.policies}: OK ({len(config.doc.prices.models)} prices, {len(config.providers)} providers, "
           f"{len(config.doc.budgets)} budgets)")
+    today = datetime.now(timezone.utc).date()
+    stale = config.prices.stale(today, STALE_PRICE_DAYS)
+    if stale:
+        print(f"warning: {len(stale)} prices were last checked more than {STALE_PRICE_DAYS} days ago "
+              "(check them against the provider and update `checked`):", file=sys.stderr)
+        for name in stale:
+            print(f"  {name}", file=sys.stderr)
+
+
+def _prices(args: argparse.Namespace) -> None:
+    import fnmatch
+
+    from .reports import render
+
+    config = _load(args.policies)
+    at = date.fromisoformat(args.at) if args.at else datetime.now(timezone.utc).date()
+    rows = []
+    for name, p in config.prices.entries(at):
+        if not fnmatch.fnmatchcase(name, args.model):
+            continue
+        lc = p.long_context
+        rows.append({"model": name, "input": p.input, "cached_input": p.cached_input, "cache_write": p.cache_write,
+                     "cache_write_long": p.cache_write_long, "output": p.output,
+                     "long_context": f">{lc.above_input_tokens}: {lc.input}/{lc.output}" if lc else None,
+                     "effective": p.effective, "until": p.until, "checked": p.checked})
+    columns = ["model", "input", "cached_input", "cache_write", "cache_write_long", "output", "long_context",
+               "effective", "until", "checked"]
+    tools = ", ".join(f"{k} ${v}" for k, v in config.prices.tools.items())
+    print(render(rows, columns, args.format, title=f"USD per million tokens in force on {at} (tools per call: {tools})"))
 
 
 def _serve(args: argparse.Namespace) -> None:

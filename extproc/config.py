@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from dataclasses import dataclass
+from datetime import date
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,11 +32,27 @@ class _Strict(BaseModel):
 
 
 class PricesSection(_Strict):
-    models: dict[str, ModelPrice]
+    models: dict[str, ModelPrice | list[ModelPrice]] = Field(
+        description="model name or glob -> its rates, or a list of dated rates (effective / until)")
     default: ModelPrice | None = Field(default=None, description="price for models not listed; none = refuse them")
     tools: dict[str, Decimal] = Field(
         default_factory=dict, description="USD per call of a server-side tool: web_search, web_fetch, file_search, "
                                           "code_interpreter, image_generation")
+
+    @field_validator("models")
+    @classmethod
+    def _dated(cls, v: dict[str, ModelPrice | list[ModelPrice]]) -> dict[str, ModelPrice | list[ModelPrice]]:
+        for name, rates in v.items():
+            if not isinstance(rates, list):
+                continue
+            if not rates:
+                raise ValueError(f"{name}: an empty list of rates")
+            spans = sorted((r.effective or date.min, r.until or date.max) for r in rates)
+            if any(a[1] >= b[0] for a, b in zip(spans, spans[1:])):
+                raise ValueError(f"{name}: dated rates overlap; give each an `effective` / `until` that do not")
+            if any(r.until is not None and r.effective is not None and r.until < r.effective for r in rates):
+                raise ValueError(f"{name}: `until` before `effective`")
+        return v
 
     @field_validator("tools")
     @classmethod

@@ -8,7 +8,10 @@ once per request: budgets in Redis stay integers and never drift.
 from __future__ import annotations
 
 import fnmatch
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
 from decimal import ROUND_CEILING, Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +81,12 @@ class ModelPrice(BaseModel):
                                    "cut before its usage is charged its output cap, not the deltas seen")
     long_context: "LongContextPrice | None" = Field(
         default=None, description="the rates of the whole request once its input passes a threshold")
+    effective: date | None = Field(default=None, description="first day (UTC) these rates apply; none = always")
+    until: date | None = Field(default=None, description="last day (UTC) they apply, e.g. an introductory price")
+    checked: date | None = Field(default=None, description="when someone last checked them against the provider")
+
+    def in_force(self, day: date) -> bool:
+        return (self.effective is None or self.effective <= day) and (self.until is None or day <= self.until)
 
     def tier(self, input_tokens: int) -> "ModelPrice":
         """The rates that apply to a request with this many input tokens (all kinds together)."""
@@ -134,13 +143,18 @@ def _nusd(usd_m: Decimal) -> int:
 class PriceTable:
     """Model name -> price. Exact names win, then globs in file order, then the optional default."""
 
-    def __init__(self, models: dict[str, ModelPrice], default: ModelPrice | None = None,
-                 tools: dict[str, Decimal] | None = None) -> None:
-        self._exact = {k: v for k, v in models.items() if not _is_glob(k)}
-        self._globs = [(k, v) for k, v in models.items() if _is_glob(k)]
+    def __init__(self, models: Mapping[str, "ModelPrice | Sequence[ModelPrice]"], default: ModelPrice | None = None,
+                 tools: dict[str, Decimal] | None = None, clock: Callable[[], float] = time.time) -> None:
+        """`models` maps a name or glob to its rates, or to a list of dated rates (`effective` /
+        `until`): a request is priced at the rates in force on the day (UTC) it runs."""
+        dated = {k: (list(v) if isinstance(v, (list, tuple)) else [v]) for k, v in models.items()}
+        self._exact = {k: v for k, v in dated.items() if not _is_glob(k)}
+        self._globs = [(k, v) for k, v in dated.items() if _is_glob(k)]
         self.default = default
         self.tools = dict(tools or {})  # USD per call, by tool kind
+        self._clock = clock
         self._cache: dict[str, ModelPrice | None] = {}
+        self._cache_day: date | None = None
 
     def tool_fees_nusd(self, calls: dict[str, int]) -> int:
         """Per-call fees of server tool calls, rounded up."""
@@ -164,17 +178,48 @@ class PriceTable:
         """Priced model names, exact ones only (for `/v1/models`)."""
         return list(self._exact)
 
-    def lookup(self, model: str) -> ModelPrice | None:
+    def lookup(self, model: str, at: date | None = None) -> ModelPrice | None:
+        """The rates of `model` in force on `at` (default: today, UTC). A name whose rates are
+        all out of force (not yet effective, or expired) has none that day: the next match is used."""
+        if at is not None:
+            return self._find(model, at)
+        today = datetime.fromtimestamp(self._clock(), timezone.utc).date()
+        if today != self._cache_day:
+            self._cache, self._cache_day = {}, today
         try:
             return self._cache[model]
         except KeyError:
             pass
-        price = self._exact.get(model)
-        if price is None:
-            price = next((p for pat, p in self._globs if fnmatch.fnmatchcase(model, pat)), self.default)
+        price = self._find(model, today)
         if len(self._cache) < 10_000:
             self._cache[model] = price
         return price
+
+    def _find(self, model: str, day: date) -> ModelPrice | None:
+        candidates = self._exact.get(model)
+        for rates in ([candidates] if candidates else []) + [v for pat, v in self._globs if fnmatch.fnmatchcase(model, pat)]:
+            price = next((p for p in rates if p.in_force(day)), None)
+            if price is not None:
+                return price
+        return self.default
+
+    def entries(self, at: date) -> list[tuple[str, ModelPrice]]:
+        """Every name and glob with the rates in force on `at`, in table order (exact names first)."""
+        out = []
+        for name, rates in [*self._exact.items(), *self._globs]:
+            price = next((p for p in rates if p.in_force(at)), None)
+            if price is not None:
+                out.append((name, price))
+        return out
+
+    def stale(self, today: date, max_age_days: int = 90) -> list[str]:
+        """Names whose rates were last checked more than `max_age_days` ago (or never)."""
+        out = []
+        for name, rates in [*self._exact.items(), *self._globs]:
+            checked = max((p.checked for p in rates if p.checked is not None), default=None)
+            if checked is None or (today - checked).days > max_age_days:
+                out.append(f"{name} (checked {checked or 'never'})")
+        return out
 
 
 def _is_glob(name: str) -> bool:
