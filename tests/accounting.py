@@ -30,6 +30,7 @@ import fnmatch
 import json
 import sqlite3
 import time
+from datetime import date, datetime, timezone
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
@@ -249,7 +250,13 @@ class Prices:
         self.tools = {k: Decimal(str(v)) for k, v in (doc.get("tools") or {}).items()}  # USD per call
         self._exact: dict[str, dict[str, Decimal]] = {}
         self._globs: list[tuple[str, dict[str, Decimal]]] = []
+        today = datetime.now(timezone.utc).date()
         for name, entry in models.items():
+            if isinstance(entry, list):  # dated rates: the row in force today (UTC)
+                live = [e for e in entry if (e.get("effective") or date.min) <= today <= (e.get("until") or date.max)]
+                if not live:
+                    continue
+                entry = live[0]
             rates: dict[str, Any] = {k: Decimal(str(v)) for k, v in entry.items() if isinstance(v, (int, float))
                                      and not isinstance(v, bool)}
             if isinstance(entry.get("long_context"), dict):  # the rates past a prompt-size threshold

@@ -43,7 +43,7 @@ def attr_stack(policy_dir, idp, tmp_path_factory):
                 try:
                     if api == "openai":  # every other request streamed
                         resp = openai.OpenAI(base_url=f"{s.base_url}/v1", api_key=key, max_retries=0) \
-                            .chat.completions.create(model=model, max_tokens=cap, stream=i % 2 == 1,
+                            .chat.completions.create(model=model, max_completion_tokens=cap, stream=i % 2 == 1,
                                                      messages=[{"role": "user", "content": content}])
                         if i % 2 == 1:
                             assert list(resp)
