@@ -1,14 +1,61 @@
 """A fake OpenAI / Anthropic upstream for the demo, the tests and the benchmarks.
 
-It speaks the wire formats the official ``openai`` and ``anthropic`` SDKs parse, answers
-deterministically, echoes the model it was asked for, and logs nothing per request (it keeps a
-bounded in-memory ledger of what it billed, see below, so tests have an independent oracle).
+It speaks the wire formats the official ``openai`` and ``anthropic`` SDKs parse, validates and
+refuses requests as the real APIs do, answers deterministically, echoes the model it was asked
+for, and logs nothing per request (it keeps a bounded in-memory ledger of what it billed, see
+below, so tests have an independent oracle). Shapes are written from the providers' API
+references and the SDKs' type definitions (``openai/types``, ``anthropic/types`` and
+``anthropic/types/beta``), never from a gateway's parser.
+
+Code: ``core.py`` (token formulas, the parsed request, writing answers and streams),
+``validation.py`` (models served, refusals), ``ledger.py``, ``openai_api.py``,
+``anthropic_api.py``; this module builds the app.
 
 Endpoints
 ---------
 ``POST /v1/chat/completions`` (plain and ``"stream": true``), ``POST /v1/responses`` (plain and
 stream), ``POST /v1/embeddings``, ``GET /v1/models``, ``POST /v1/messages`` (Anthropic, plain and
 stream) and ``POST /v1/messages/count_tokens``. Anything else is a 404 in OpenAI's error shape.
+
+Validation (default behaviour, as the real APIs)
+------------------------------------------------
+Checked in this order, each refusal in the provider's error shape (OpenAI ``{"error":
+{"message", "type": "invalid_request_error", "param", "code"}}``; Anthropic ``{"type": "error",
+"error": {"type", "message"}, "request_id"}``, with a ``request-id`` header on every Anthropic
+answer): bad JSON or a body that is not an object (400), no ``model`` string (400), the
+``x-fake-status`` hook (below), then:
+
+* **Chat**: ``messages`` missing (400 ``missing_required_parameter``), not a list (400
+  ``invalid_type``) or empty (400 ``empty_array``), all with ``param: "messages"``; ``n`` not an
+  integer (400 ``invalid_type``), < 1 (400 ``integer_below_min_value``) or > 128 (400
+  ``integer_above_max_value``), ``param: "n"``; an unknown model (404 ``model_not_found``); a
+  reasoning model (names starting ``o1``, ``o3``, ``o4``, ``gpt-5`` or ``gpt-6``, except
+  ``*-chat-latest``) given ``max_tokens`` (400 ``unsupported_parameter``, ``param: "max_tokens"``:
+  they take only ``max_completion_tokens``).
+* **Responses**: an unknown model (404 ``model_not_found``); an unknown
+  ``previous_response_id`` (404 ``previous_response_not_found``, ``param:
+  "previous_response_id"``, below).
+* **Embeddings**: ``input`` missing (400 ``missing_required_parameter``); ``dimensions`` not an
+  integer or < 1 (400 ``invalid_type`` / ``integer_below_min_value``, ``param: "dimensions"``);
+  an unknown model (404); ``dimensions`` on ``text-embedding-ada-002`` (400). With
+  ``dimensions`` each vector has that many floats (else 8).
+* **Anthropic messages**: ``max_tokens`` missing (400 ``max_tokens: Field required``), not an
+  integer, or negative; ``max_tokens: 0`` is valid (cache warming: a message with ``content:
+  []``, ``stop_reason: "max_tokens"`` and ``output_tokens: 0``); ``messages`` missing, not a list
+  or empty (400 ``invalid_request_error``); an unknown model (404 ``not_found_error``,
+  ``"model: <name>"``). ``count_tokens`` checks the same except ``max_tokens``.
+
+**Models served**: the built-in ``gpt-4o``, ``gpt-4o-mini``, ``o3-mini``,
+``text-embedding-3-small`` / ``-3-large`` / ``-ada-002``, ``claude-sonnet-4-6``,
+``claude-haiku-4-5``, ``claude-opus-4-6``, every model of ``policies/prices.yaml`` (read at
+start-up; globs such as ``claude-sonnet-4-5*`` match as they do there), of each ``--prices PATH``
+(a price file, or a policy directory whose ``*.yaml`` files are read) and of
+``$TOLLGATE_POLICIES`` when set, plus the comma-separated names or globs of ``--models`` and
+``$TOLLGATE_FAKE_MODELS``. Anthropic serves only the ``claude*`` ones. The OpenAI endpoints refuse unlisted names
+in OpenAI's namespace (``gpt-*``, ``o<digit>*``, ``chatgpt-*``, ``text-embedding-*``,
+``dall-e*``, ``whisper*``, ``tts-*``, ...) and serve any other name, as the OpenAI-compatible
+servers the fake also stands in for do (Workers AI ``@cf/...``, vLLM ``org/name``, a test's own
+model). ``GET /v1/models`` lists the exact names.
 
 Token counting (see :func:`count_input_tokens` and :func:`output_token_count`)
 -------------------------------------------------------------------------------
@@ -18,24 +65,93 @@ Token counting (see :func:`count_input_tokens` and :func:`output_token_count`)
   ``tool_result``), the Anthropic ``system`` prompt (string or text blocks; not a message),
   Responses ``instructions`` and ``input`` (a string is one text and no message; each list item
   with ``content`` is a message), and embedding ``input`` strings (no per-message overhead;
-  pre-tokenised integer inputs count one token per integer). The total is clamped to the
-  request body's byte length, so it never exceeds it (a gateway may use body bytes as an upper
-  bound; with the formula above the clamp is never reached for real requests).
-* **Output tokens**: ``min(cap, default)``; ``cap`` is ``max_tokens`` / ``max_completion_tokens``
-  (chat, Anthropic) or ``max_output_tokens`` (Responses) when given; ``default`` is
-  ``16 + input_tokens % 16``, or the ``x-fake-output-tokens: N`` request header (still capped).
-  The output text is the words ``tok0 tok1 ... tok{N-1}``, one word per token; each streamed
-  delta is one word (``"tok0"``, ``" tok1"``, ...), so the deltas concatenate to the text.
-  When the cap cut the output short: chat ``finish_reason`` is ``"length"`` and Anthropic
-  ``stop_reason`` is ``"max_tokens"`` (Responses stays ``"completed"``).
-* **Cache tokens**: request headers ``x-fake-cache-read: N`` and ``x-fake-cache-write: N``
-  (default 0). Reads are capped at the input tokens, writes at what is left after reads.
-  OpenAI: ``prompt_tokens`` / ``input_tokens`` are the whole input, cached reads are reported in
-  ``cached_tokens`` (writes in ``cache_write_tokens``: always in Responses, in chat only when
-  non-zero). Anthropic: ``input_tokens`` excludes both, which are reported in
-  ``cache_read_input_tokens`` / ``cache_creation_input_tokens`` (the three add up to the count).
-* Embeddings: ``prompt_tokens == total_tokens ==`` input tokens; each input gets 8
-  deterministic floats in [-1, 1] derived from a BLAKE2b hash of the input.
+  pre-tokenised integer inputs count one token per integer). That count is clamped to the
+  request body's byte length, so it never exceeds it (with the formula above the clamp is never
+  reached for real requests). What the provider adds itself comes on top, beyond the body's
+  size: a stored conversation (``previous_response_id``) and server tool results
+  (``x-fake-tool-input-tokens``).
+* **Output tokens**: per choice ``min(cap, default)``; ``cap`` is ``max_tokens`` /
+  ``max_completion_tokens`` (chat, Anthropic) or ``max_output_tokens`` (Responses) when given;
+  ``default`` is ``16 + B % 16`` (``B``: the body's own input count), or the
+  ``x-fake-output-tokens: N`` request header (still capped). The output text is the words
+  ``tok0 tok1 ... tok{N-1}``, one word per token; each streamed delta is one word (``"tok0"``,
+  ``" tok1"``, ...), so the deltas concatenate to the text. When the cap cut the output short:
+  chat ``finish_reason`` is ``"length"`` and Anthropic ``stop_reason`` is ``"max_tokens"``
+  (Responses stays ``"completed"``). Reasoning tokens (below) count inside the cap, first.
+* **Cache tokens**: ``x-fake-cache-read: N``, ``x-fake-cache-write: N`` (the short TTL: 5 minutes
+  for Anthropic, OpenAI's default 30 minutes), ``x-fake-cache-write-1h: N`` (Anthropic's 1-hour
+  writes) and ``x-fake-cache-write-12h: N`` (OpenAI Responses' 12-hour writes; chat has only the
+  default TTL); all default 0. They split the prompt (body plus stored conversation, not tool
+  results): reads are capped at it, short writes at what is left, long writes at what is left
+  after those. OpenAI: ``prompt_tokens`` / ``input_tokens`` are the whole input, of which
+  ``cached_tokens`` were read and ``cache_write_tokens`` written (chat: in
+  ``prompt_tokens_details``, only when non-zero; Responses: in ``input_tokens_details`` always,
+  with ``cache_write_tokens_details: {ttl_30m_tokens, ttl_12h_tokens}`` when non-zero).
+  Anthropic: ``input_tokens`` excludes reads and writes, reported in ``cache_read_input_tokens``
+  and ``cache_creation_input_tokens`` (= 5m + 1h), split in ``cache_creation:
+  {ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}`` (always present). The three add up.
+* **``n`` choices** (chat): ``choices`` has indexes 0..n-1, each the same answer;
+  ``completion_tokens`` is the sum over the choices (as OpenAI bills). Streamed, each chunk
+  carries one token of one choice, the choices interleaved, then one finish chunk per choice.
+* Embeddings: ``prompt_tokens == total_tokens ==`` input tokens; each input gets deterministic
+  floats in [-1, 1] derived from BLAKE2b hashes of the input.
+* Anthropic ``message_delta`` is **cumulative**, as newer API versions send it: ``usage`` repeats
+  ``input_tokens``, ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` (the final
+  totals: they exceed ``message_start``'s when server tools or an advisor grew the input), has
+  the final ``output_tokens``, and ``server_tool_use`` / ``iterations`` when there are any.
+  ``message_start`` carries the first turn's input and ``output_tokens: 1`` (0 for an empty
+  answer). ``x-fake-legacy-message-delta: 1``: the old ``{"output_tokens": N}`` only.
+
+Stored responses (``previous_response_id``)
+-------------------------------------------
+A Responses answer created with ``store`` (default true; not ``"store": false``, not a failed
+or cut stream) is kept in memory (as many as the ledger keeps). A later request with its id as
+``previous_response_id`` is billed the stored conversation as input on top of its own: the
+earlier response's billed input minus its ``instructions`` (the API does not carry them over)
+plus its output, recursively through its own chain. An unknown (or unstored) id: 404
+``{"error": {"message": "Previous response with id '<id>' not found.", "type":
+"invalid_request_error", "param": "previous_response_id", "code": "previous_response_not_found"}}``.
+
+Server tools, reasoning, iterations (request headers)
+-----------------------------------------------------
+* ``x-fake-reasoning-tokens: N`` (chat, Responses): each choice reasons N tokens before it
+  answers (within the cap: a cap below N leaves only reasoning, empty content, ``"length"``).
+  They are in ``completion_tokens`` / ``output_tokens`` and in
+  ``completion_tokens_details.reasoning_tokens`` / ``output_tokens_details.reasoning_tokens``,
+  never in the content or any delta; Responses adds a ``reasoning`` output item (``summary:
+  []``) before the message. A stream bills them when it starts.
+* ``x-fake-web-search: N``, ``x-fake-web-fetch: N`` (Anthropic): N ``server_tool_use`` blocks
+  (``name: "web_search"`` / ``"web_fetch"``) each followed by its ``web_search_tool_result`` /
+  ``web_fetch_tool_result`` block, before the text; ``usage.server_tool_use:
+  {web_search_requests, web_fetch_requests}`` (only when either is non-zero; in JSON, in
+  ``message_delta``). Streamed: ``content_block_start`` with ``input: {}``, one
+  ``input_json_delta``, ``content_block_stop``; results come whole in their
+  ``content_block_start``.
+* ``x-fake-web-search: N``, ``x-fake-file-search: N``, ``x-fake-code-interpreter: N``,
+  ``x-fake-image-generation: N`` (Responses): N ``web_search_call`` / ``file_search_call`` /
+  ``code_interpreter_call`` / ``image_generation_call`` output items (status ``completed``)
+  before the message; streamed with ``output_item.added``, their ``response.<type>.in_progress``,
+  ``.searching`` / ``.interpreting`` (with ``code_interpreter_call_code.delta`` / ``.done``) /
+  ``.generating``, ``.completed`` events and ``output_item.done``.
+* ``x-fake-tool-input-tokens: N`` (Responses, Anthropic): the server tools' results grow the
+  billed input by N uncached tokens (in the top-level input; Anthropic: in the last sampling
+  turn, so ``message_start`` does not show them and the cumulative ``message_delta`` does).
+* ``x-fake-compaction-iterations: N`` (Anthropic): N ``compaction`` iterations (each a
+  ``compaction`` content block first, streamed as ``content_block_start`` with ``content: null``
+  and one ``compaction_delta``) of ``x-fake-compaction-tokens: IN,OUT`` tokens each (default: the
+  input count, 16). As the API documents, the top-level usage does **not** include them; they
+  are billed at the request model's rates.
+* ``x-fake-advisor-model: claude-...`` (Anthropic, with ``x-fake-advisor-tokens: IN,OUT``,
+  default: the input count, 16): the executor calls the advisor (a ``server_tool_use`` block
+  ``name: "advisor"`` and an ``advisor_tool_result`` block), which runs one ``advisor_message``
+  iteration at its own model's rates, then samples again reading the prompt and the advice. The
+  iterations are ``message`` (the prompt, with its cache split; 0 output), ``advisor_message``
+  (``model``, IN, OUT), ``message`` (input: the body's count + OUT, uncached; output: the text).
+  The top level is the sum of the ``message`` iterations (the advisor's tokens are not in it).
+* With compaction or an advisor, ``usage.iterations`` lists every iteration in order
+  (compactions first; each ``{type, [model], input_tokens, cache_creation_input_tokens,
+  cache_read_input_tokens, cache_creation, output_tokens}``), in the JSON usage and the
+  cumulative ``message_delta``.
 
 Test hooks (request headers)
 ----------------------------
@@ -44,14 +160,25 @@ Test hooks (request headers)
   stream is written in one go (same bytes, fewer writes).
 * ``x-fake-status: 429`` (any status >= 400): answer with that status and an error body in the
   provider's shape (OpenAI ``{"error": {"message", "type", "param", "code"}}``, Anthropic
-  ``{"type": "error", "error": {"type", "message"}}``), no usage. Applies to streams too (the
-  error comes before any event).
+  ``{"type": "error", "error": {"type", "message"}, "request_id"}``), no usage. Applies to
+  streams too (the error comes before any event), and before validation.
 * ``x-fake-ignore-max-tokens: 1``: ignore the request's output cap (``max_tokens`` and friends)
   and answer ``default`` tokens (above), like a provider that overruns or never saw the cap.
   Usage reports the tokens actually sent.
 * ``x-fake-cut-after: N`` (streams only): send the preamble events and N token events, then close
   the connection without finishing the chunked body: no final usage / stop events, and the
   client sees an incomplete body.
+* ``x-fake-stream-error-after: N`` (streams): the preamble, N token events, then the API's
+  mid-stream error, then a clean end of the body. Chat: ``data: {"error": {"message", "type":
+  "server_error", "param": null, "code": null}}`` (no ``[DONE]``). Responses: an ``error`` event
+  (``code: "server_error"``) then ``response.failed`` (``status: "failed"``, ``error: {code,
+  message}``, the partial message ``incomplete``, ``usage: null``). Anthropic: ``event: error``
+  with ``{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}``.
+  A failed stream bills nothing (the ledger's ``error`` names it), unless
+  ``x-fake-failed-usage: 1``: then it bills its input and the output generated so far, and
+  Responses' ``response.failed`` carries that ``usage``.
+* ``x-fake-empty-model: 1`` (streams): the first chunk's ``model`` is ``""`` (as Azure sends),
+  later chunks carry the real name (chat: the first chunk; Responses: ``response.created``).
 * ``x-fake-truncate-body: N`` (non-streamed 200 answers): send the status and headers, with the
   ``content-length`` of the *whole* body, then only the body's first N bytes, then drop the
   connection: a provider connection lost mid-body after the provider did (and billed) the work.
@@ -75,13 +202,11 @@ Test hooks (request headers)
   received, lower-case, sorted, comma-separated), so tests can prove what reached the provider.
   The four generating endpoints also echo ``x-fake-id``: the id of the answer's ledger entry.
 
-Bad JSON or a missing ``model`` is a 400 in the provider's error shape.
-
 Ledger (what the provider billed)
 ---------------------------------
 Every request to the four generating endpoints (chat completions, responses, embeddings,
-messages; errors included, ``count_tokens`` and ``/v1/models`` not) appends one entry, so a test
-can check a gateway's accounting against the provider's own count rather than against the
+messages; refusals included, ``count_tokens`` and ``/v1/models`` not) appends one entry, so a
+test can check a gateway's accounting against the provider's own count rather than against the
 gateway's parse of the answer. ``GET /_fake/ledger`` returns them as a JSON list, oldest first
 (``?id=...`` / ``?request_id=...`` filter on those fields); ``DELETE /_fake/ledger`` clears it
 (204). It keeps the last ``--ledger-size`` entries (default 100,000) so a benchmark cannot grow it
@@ -90,20 +215,43 @@ An entry::
 
     {"id": "chatcmpl-fake...", "api": "chat", "model": "gpt-4o", "request_id": "<x-request-id>",
      "stream": false, "input_tokens": 16, "output_tokens": 16, "cached": 0, "cache_write": 0,
+     "cache_write_5m": 0, "cache_write_1h": 0, "cache_write_30m": 0, "cache_write_12h": 0,
+     "reasoning_tokens": 0, "n": 1, "context_tokens": 0, "tool_input_tokens": 0,
+     "web_search_requests": 0, "web_fetch_requests": 0, "tool_calls": {}, "iterations": [],
+     "other_models": [], "previous_response_id": null, "error": null,
      "status": 200, "complete": true, "hooks": {"x-fake-omit-usage": "1"}}
 
 * ``id``: the answer's id (the body's ``id``; embeddings and errors get one of their own) and the
   ``x-fake-id`` response header; ``request_id``: the ``x-request-id`` request header (Envoy's
   id, which Tollgate records as ``envoy_request_id``), or "".
-* ``input_tokens`` is the *uncached* input: the input count minus ``cached`` (cache reads) minus
-  ``cache_write``, the convention of :class:`extproc.pricing.Usage`, so the billed cost is that
-  ``Usage(input_tokens, cached_input_tokens=cached, cache_write_tokens=cache_write,
-  output_tokens)`` priced.
+* The token fields are everything billed at ``model``'s rates. ``input_tokens`` is the
+  *uncached* input: the input count minus ``cached`` (cache reads) minus ``cache_write``, the
+  convention of :class:`extproc.pricing.Usage`, so the billed cost is that ``Usage(input_tokens,
+  cached_input_tokens=cached, cache_write_tokens=cache_write, output_tokens)`` priced, with
+  ``cache_write`` split by TTL: ``cache_write_5m`` + ``cache_write_1h`` (Anthropic) or
+  ``cache_write_30m`` + ``cache_write_12h`` (OpenAI). Anthropic compaction iterations are in these
+  totals (the response's top-level usage leaves them out); advisor iterations are not.
 * ``output_tokens``: what the provider generated and billed: the whole answer for JSON (also
-  when truncated, stalled or its usage omitted), and for streams the token events actually
-  written, so it grows while a slow stream runs and stops at an ``x-fake-cut-after`` cut or a
-  client disconnect (a real provider stops generating then).
-* ``status``: the HTTP status sent; errors bill nothing (all token fields 0).
+  when truncated, stalled or its usage omitted; all ``n`` choices; reasoning included), and for
+  streams the tokens actually generated: those before the first visible token (reasoning,
+  compaction) once the stream starts, then each token event as written, so it grows while a slow
+  stream runs and stops at an ``x-fake-cut-after`` cut or a client disconnect (a real provider
+  stops generating then).
+* ``reasoning_tokens`` (inside ``output_tokens``), ``n``; ``context_tokens``: the stored
+  conversation billed for ``previous_response_id`` (inside ``input_tokens``);
+  ``tool_input_tokens``: the server tools' input growth (inside ``input_tokens``).
+* ``web_search_requests``, ``web_fetch_requests`` and ``tool_calls`` (the per-call tools by
+  kind: ``web_search``, ``web_fetch``, ``file_search``, ``code_interpreter``,
+  ``image_generation``; only non-zero counts): calls billed per call.
+* ``other_models``: what is billed at another model's rates (Anthropic advisor iterations), each
+  ``{"type", "model", "input_tokens", "cached", "cache_write_5m", "cache_write_1h",
+  "output_tokens"}``. The whole bill is the top-level fields at ``model``'s rates, plus
+  ``other_models`` each at its model's rates, plus the per-call tools.
+* ``iterations``: Anthropic ``usage.iterations`` as sent, in the same per-iteration form with
+  each one's ``model`` (for information: their tokens are already in the fields above).
+* ``error``: the error a stream ended with (``x-fake-stream-error-after``), else null; such a
+  stream bills nothing (all token fields 0) unless ``x-fake-failed-usage``.
+* ``status``: the HTTP status sent; refusals bill nothing (all token fields 0).
 * ``complete``: the whole body was handed to a live connection (false while a stream runs, and
   after a cut, a truncation, or a client that went away before the answer was sent).
 * ``hooks``: every ``x-fake-*`` request header received, name to value.
@@ -113,783 +261,57 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
-import itertools
-import struct
-import time
-from collections import deque
-from typing import Any, NoReturn
+from collections.abc import Iterable
 
-import orjson
 from aiohttp import web
 
-CHAT = "chat"
-RESPONSES = "responses"
-EMBEDDINGS = "embeddings"
-ANTHROPIC = "anthropic"
-
-_LATENCY_KEY = web.AppKey("token_latency_ms", float)
-_ids = itertools.count(1)
-DEFAULT_LEDGER_SIZE = 100_000
-
-MODELS = ("gpt-4o", "gpt-4o-mini", "o3-mini", "text-embedding-3-small", "claude-sonnet-4-6", "claude-haiku-4-5")
-
-# --------------------------------------------------------------------------------------------
-# token formulas
-# --------------------------------------------------------------------------------------------
-
-
-def text_tokens(text: str) -> int:
-    """``ceil(len(text.encode()) / 4)``."""
-    return (len(text.encode()) + 3) // 4
-
-
-def _content_tokens(content: Any) -> int:
-    """Tokens of a message content: a string, or a list of parts with ``text`` (recursing into
-    nested ``content``)."""
-    if isinstance(content, str):
-        return text_tokens(content)
-    n = 0
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, str):
-                n += text_tokens(part)
-            elif isinstance(part, dict):
-                t = part.get("text")
-                if isinstance(t, str):
-                    n += text_tokens(t)
-                nested = part.get("content")
-                if nested is not None:
-                    n += _content_tokens(nested)
-    return n
-
-
-def _messages_tokens(messages: Any) -> int:
-    n = 0
-    if isinstance(messages, list):
-        for m in messages:
-            if isinstance(m, dict):
-                n += 3 + _content_tokens(m.get("content"))
-    return n
-
-
-def _embedding_inputs(inp: Any) -> list[Any]:
-    """The separate embedding inputs: strings or lists of token ids."""
-    if isinstance(inp, str):
-        return [inp]
-    if isinstance(inp, list):
-        if inp and all(isinstance(x, int) for x in inp):
-            return [inp]
-        return [x for x in inp if isinstance(x, (str, list))]
-    return []
-
-
-def _embedding_input_tokens(item: Any) -> int:
-    if isinstance(item, str):
-        return text_tokens(item)
-    return len(item)
-
-
-def count_input_tokens(body: dict, api: str, body_len: int | None = None) -> int:
-    """Input tokens of a parsed request ``body`` for ``api`` (``"chat"``, ``"responses"``,
-    ``"embeddings"`` or ``"anthropic"``); clamped to ``body_len`` (the body's byte length,
-    defaults to the orjson encoding of ``body``)."""
-    if api == CHAT:
-        n = _messages_tokens(body.get("messages"))
-    elif api == ANTHROPIC:
-        n = _content_tokens(body.get("system")) + _messages_tokens(body.get("messages"))
-    elif api == RESPONSES:
-        n = 0
-        instructions = body.get("instructions")
-        if isinstance(instructions, str):
-            n += text_tokens(instructions)
-        inp = body.get("input")
-        if isinstance(inp, str):
-            n += text_tokens(inp)
-        elif isinstance(inp, list):
-            for item in inp:
-                if isinstance(item, dict):
-                    if "content" in item:
-                        n += 3 + _content_tokens(item.get("content"))
-                    else:
-                        t = item.get("text", item.get("output"))
-                        if isinstance(t, str):
-                            n += text_tokens(t)
-                elif isinstance(item, str):
-                    n += text_tokens(item)
-    elif api == EMBEDDINGS:
-        n = sum(_embedding_input_tokens(x) for x in _embedding_inputs(body.get("input")))
-    else:
-        raise ValueError(f"unknown api {api!r}")
-    if body_len is None:
-        body_len = len(orjson.dumps(body))
-    return min(n, body_len)
-
-
-def output_token_count(body: dict, api: str, input_tokens: int, override: int | None = None) -> tuple[int, bool]:
-    """``(output_tokens, capped)``: ``min(cap, default)`` where default is ``override`` (the
-    ``x-fake-output-tokens`` header) or ``16 + input_tokens % 16``; ``capped`` is true when the
-    cap cut the output short."""
-    default = override if override is not None else 16 + input_tokens % 16
-    default = max(0, default)
-    keys = ("max_output_tokens",) if api == RESPONSES else ("max_completion_tokens", "max_tokens")
-    cap = None
-    for k in keys:
-        v = body.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
-            cap = v
-            break
-    if cap is not None and cap < default:
-        return max(0, cap), True
-    return default, False
-
-
-def cache_split(input_tokens: int, read: int, write: int) -> tuple[int, int]:
-    """``(cache_read, cache_write)``: reads capped at the input, writes at what is left."""
-    r = min(max(0, read), input_tokens)
-    w = min(max(0, write), input_tokens - r)
-    return r, w
-
-
-def output_words(n: int) -> list[str]:
-    """The streamed deltas: ``["tok0", " tok1", ...]``; joined they are the output text."""
-    return ["tok0" if i == 0 else f" tok{i}" for i in range(n)]
-
-
-def embedding_vector(item: Any) -> list[float]:
-    """8 deterministic floats in [-1, 1] for one embedding input."""
-    raw = item.encode() if isinstance(item, str) else orjson.dumps(item)
-    digest = hashlib.blake2b(raw, digest_size=16).digest()
-    return [round(v / 32767.5 - 1.0, 6) for v in struct.unpack("<8H", digest)]
-
-
-# --------------------------------------------------------------------------------------------
-# ledger
-# --------------------------------------------------------------------------------------------
-
-
-class Ledger:
-    """What the fake billed, one mutable entry per request, in memory and bounded.
-
-    Entries are dicts updated in place (a stream's ``output_tokens`` grows as it is written), so
-    a reader sees the provider's view at that moment."""
-
-    def __init__(self, maxlen: int = DEFAULT_LEDGER_SIZE) -> None:
-        self.entries: deque[dict[str, Any]] = deque(maxlen=max(1, maxlen))
-        self.dropped = 0
-
-    def add(self, entry: dict[str, Any]) -> dict[str, Any]:
-        if len(self.entries) == self.entries.maxlen:
-            self.dropped += 1
-        self.entries.append(entry)
-        return entry
-
-    def select(self, filters: dict[str, str]) -> list[dict[str, Any]]:
-        """Entries whose fields equal every ``filters`` value (only ``id`` and ``request_id``)."""
-        wanted = {k: v for k, v in filters.items() if k in ("id", "request_id")}
-        return [e for e in self.entries if all(e.get(k) == v for k, v in wanted.items())]
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-
-_LEDGER_KEY = web.AppKey("ledger", Ledger)
-
-
-def _hooks(request: web.Request) -> dict[str, str]:
-    return {k.lower(): v for k, v in request.headers.items() if k.lower().startswith("x-fake-")}
-
-
-def _new_entry(request: web.Request, api: str, model: str, status: int, stream: bool,
-               record: bool = True) -> dict[str, Any]:
-    """A ledger entry that bills nothing yet (the caller fills in the tokens), appended to the
-    ledger unless ``record`` is false (free endpoints such as ``count_tokens``)."""
-    entry = {
-        "id": "", "api": api, "model": model, "request_id": request.headers.get("x-request-id", ""),
-        "stream": stream, "input_tokens": 0, "output_tokens": 0, "cached": 0, "cache_write": 0,
-        "status": status, "complete": False, "hooks": _hooks(request),
-    }
-    return request.app[_LEDGER_KEY].add(entry) if record else entry
-
-
-async def ledger_get(request: web.Request) -> web.Response:
-    ledger = request.app[_LEDGER_KEY]
-    return web.Response(body=orjson.dumps(ledger.select(dict(request.query))), content_type="application/json",
-                        headers={"x-fake-ledger-dropped": str(ledger.dropped)})
-
-
-async def ledger_delete(request: web.Request) -> web.Response:
-    request.app[_LEDGER_KEY].clear()
-    return web.Response(status=204)
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-_JSON = "application/json"
-_SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-
-
-def _int_header(request: web.Request, name: str) -> int | None:
-    v = request.headers.get(name)
-    if v is None:
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        return None
-
-
-def _echo_headers(request: web.Request, model: str, ledger_id: str = "") -> dict[str, str]:
-    h = request.headers
-    out = {
-        "x-fake-authorization": h.get("authorization", ""),
-        "x-fake-api-key": h.get("x-api-key", ""),
-        "x-fake-model": model,
-        "x-fake-header-names": ",".join(sorted({k.lower() for k in h.keys()})),
-    }
-    if ledger_id:
-        out["x-fake-id"] = ledger_id
-    return out
-
-
-def _json(request: web.Request, model: str, payload: Any, status: int = 200, ledger_id: str = "") -> web.Response:
-    headers = _echo_headers(request, model, ledger_id)
-    return web.Response(body=orjson.dumps(payload), status=status, content_type=_JSON, headers=headers)
-
-
-_OPENAI_ERR = {
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "unsupported_country_region_territory"),
-    404: ("invalid_request_error", "model_not_found"),
-    429: ("requests", "rate_limit_exceeded"),
-    500: ("server_error", None),
-    503: ("server_error", None),
-}
-_ANTHROPIC_ERR = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
-def error_body(api: str, status: int, message: str) -> dict:
-    """An error body in the provider's shape."""
-    if api == ANTHROPIC:
-        etype = _ANTHROPIC_ERR.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        return {"type": "error", "error": {"type": etype, "message": message}}
-    etype, code = _OPENAI_ERR.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    return {"error": {"message": message, "type": etype, "param": None, "code": code}}
-
-
-def _error(request: web.Request, api: str, status: int, message: str, model: str = "") -> web.Response:
-    return _json(request, model, error_body(api, status, message), status=status)
-
-
-def _billed_error(request: web.Request, api: str, status: int, message: str, model: str = "") -> web.Response:
-    """An error answer from a generating endpoint, with its (token-free) ledger entry."""
-    entry = _new_entry(request, api, model, status, stream=False)
-    entry["id"] = _new_id("err_fake")
-    entry["complete"] = True
-    return _json(request, model, error_body(api, status, message), status=status, ledger_id=entry["id"])
-
-
-def _ms_header(request: web.Request, name: str) -> float | None:
-    """A non-negative milliseconds header in seconds, or None when absent or malformed."""
-    v = request.headers.get(name)
-    if v is None:
-        return None
-    try:
-        return max(0.0, float(v)) / 1000.0
-    except ValueError:
-        return None
-
-
-def _flag(request: web.Request, name: str) -> bool:
-    return request.headers.get(name, "") not in ("", "0")
-
-
-def _latency_s(request: web.Request) -> float:
-    v = _ms_header(request, "x-fake-token-latency-ms")
-    return v if v is not None else request.app[_LATENCY_KEY] / 1000.0
-
-
-_CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
-
-
-class _Ctx:
-    """Everything a handler needs about one parsed request, and its ledger entry."""
-
-    __slots__ = ("request", "api", "body", "model", "input_tokens", "output_tokens", "capped",
-                 "cache_read", "cache_write", "stream", "latency", "cut_after", "truncate_body",
-                 "omit_usage", "stall", "single_write", "entry")
-
-    def __init__(self, request: web.Request, api: str, body: dict, body_len: int, billed: bool = True) -> None:
-        self.request = request
-        self.api = api
-        self.body = body
-        self.model = body["model"]
-        self.input_tokens = count_input_tokens(body, api, body_len)
-        ignore_cap = _flag(request, "x-fake-ignore-max-tokens")
-        self.output_tokens, self.capped = output_token_count(
-            {k: v for k, v in body.items() if k not in _CAP_KEYS} if ignore_cap else body,
-            api, self.input_tokens, _int_header(request, "x-fake-output-tokens"))
-        self.cache_read, self.cache_write = cache_split(
-            self.input_tokens, _int_header(request, "x-fake-cache-read") or 0,
-            _int_header(request, "x-fake-cache-write") or 0)
-        self.stream = body.get("stream") is True and api != EMBEDDINGS
-        self.latency = _latency_s(request)
-        self.cut_after = _int_header(request, "x-fake-cut-after")
-        self.truncate_body = _int_header(request, "x-fake-truncate-body")
-        self.omit_usage = _flag(request, "x-fake-omit-usage")
-        self.stall = _ms_header(request, "x-fake-stall-after-ms") or 0.0
-        self.single_write = _flag(request, "x-fake-single-write")
-        self.entry = self._bill(billed)
-
-    def _bill(self, record: bool) -> dict[str, Any]:
-        """The ledger entry: input billed now, output now for JSON, as written for streams."""
-        entry = _new_entry(self.request, self.api, self.model, 200, self.stream, record)
-        entry["input_tokens"] = self.input_tokens - self.cache_read - self.cache_write
-        entry["cached"] = self.cache_read
-        entry["cache_write"] = self.cache_write
-        entry["output_tokens"] = 0 if self.stream or self.api == EMBEDDINGS else self.output_tokens
-        return entry
-
-    def set_id(self, answer_id: str) -> str:
-        """Name the ledger entry after the answer's own id (call before answering)."""
-        self.entry["id"] = answer_id
-        return answer_id
-
-    def headers(self) -> dict[str, str]:
-        return _echo_headers(self.request, self.model, self.entry["id"])
-
-
-async def _parse(request: web.Request, api: str, billed: bool = True) -> _Ctx | web.Response:
-    """Parse the body, or answer an error (bad JSON, missing model, ``x-fake-status``); the
-    request gets a ledger entry unless ``billed`` is false."""
-    error = _billed_error if billed else _error
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return error(request, api, 400, "We could not parse the JSON body of your request.")
-    if not isinstance(body, dict):
-        return error(request, api, 400, "The request body must be a JSON object.")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        return error(request, api, 400, "model: field required")
-    status = _int_header(request, "x-fake-status")
-    if status is not None and status >= 400:
-        return error(request, api, status, f"fake provider error (x-fake-status: {status})", model)
-    return _Ctx(request, api, body, len(raw), billed)
-
-
-async def _sleep_total(ctx: _Ctx) -> None:
-    if ctx.latency > 0 and ctx.output_tokens > 0:
-        await asyncio.sleep(ctx.latency * ctx.output_tokens)
-
-
-def _sse_data(obj: Any) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _sse_event(name: str, obj: Any) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
-
-
-def _drop(request: web.Request) -> NoReturn:
-    """Close the socket mid-body and end the handler quietly: the client sees an incomplete body
-    (aiohttp treats the CancelledError as a premature disconnection and logs nothing)."""
-    transport = request.transport
-    if transport is not None:
-        transport.close()
-    raise asyncio.CancelledError()
-
-
-def _without_usage(api: str, payload: dict) -> dict:
-    """``payload`` as sent by ``x-fake-omit-usage``: no ``usage`` key (Responses: null)."""
-    if api == RESPONSES:
-        return {**payload, "usage": None}
-    return {k: v for k, v in payload.items() if k != "usage"}
-
-
-async def _answer(ctx: _Ctx, payload: dict) -> web.StreamResponse:
-    """Send a non-streamed 200 answer, applying the omit-usage, stall and truncate hooks; the
-    ledger entry already bills the whole answer (the provider did the work either way)."""
-    if ctx.omit_usage:
-        payload = _without_usage(ctx.api, payload)
-    body = orjson.dumps(payload)
-    if ctx.stall > 0:
-        await asyncio.sleep(ctx.stall)
-    if ctx.truncate_body is None:
-        transport = ctx.request.transport  # None once a client gave up during the stall
-        ctx.entry["complete"] = transport is not None and not transport.is_closing()
-        return web.Response(body=body, status=200, content_type=_JSON, headers=ctx.headers())
-    resp = web.StreamResponse(status=200, headers=ctx.headers())
-    resp.content_type = _JSON
-    resp.content_length = len(body)
-    await resp.prepare(ctx.request)  # sends the headers at once, with the full body's length
-    part = body[: max(0, ctx.truncate_body)]
-    if part:
-        await resp.write(part)
-    _drop(ctx.request)
-
-
-async def _stream(ctx: _Ctx, head: list[bytes], tokens: list[bytes], tail: list[bytes]) -> web.StreamResponse:
-    """Write ``head``, then one frame per token (sleeping the token latency before each), then
-    ``tail``; with ``x-fake-cut-after: N`` stop after N token frames and drop the connection.
-    ``x-fake-single-write`` and ``x-fake-stall-after-ms`` change how the same bytes are sent.
-    The ledger entry counts the token frames as they are written."""
-    request = ctx.request
-    resp = web.StreamResponse(status=200, headers={**_SSE_HEADERS, **ctx.headers()})
-    await resp.prepare(request)
-    cut = ctx.cut_after
-    if cut is not None:
-        tokens = tokens[: max(0, cut)]
-        tail = []
-    ended = False
-    try:
-        if ctx.single_write:
-            if ctx.latency > 0 and tokens:  # the time the model took, then everything at once
-                await asyncio.sleep(ctx.latency * len(tokens))
-            ended = await _write_once(ctx, resp, b"".join(head + tokens + tail), len(tokens), cut is None)
-        elif ctx.latency <= 0:
-            ended = await _write_once(ctx, resp, b"".join(head + tokens + tail), len(tokens), False)
-        else:
-            await _write_paced(ctx, resp, head, tokens, tail)
-        if ctx.stall > 0:
-            await asyncio.sleep(ctx.stall)
-        if cut is not None:
-            _drop(request)
-        if not ended:
-            await resp.write_eof()
-    except ConnectionResetError:  # the client went away: bill what was written, end quietly
-        raise asyncio.CancelledError() from None
-    ctx.entry["complete"] = True
-    return resp
-
-
-async def _write_once(ctx: _Ctx, resp: web.StreamResponse, data: bytes, n_tokens: int, end: bool) -> bool:
-    """Write ``data`` in one transport write, with the end of the chunked body when ``end`` and
-    no stall is asked (so the last event and end-of-stream arrive together); True if ended."""
-    end = end and ctx.stall <= 0
-    if end:
-        await resp.write_eof(data)
-    else:
-        await resp.write(data)
-    ctx.entry["output_tokens"] += n_tokens
-    return end
-
-
-async def _write_paced(ctx: _Ctx, resp: web.StreamResponse, head: list[bytes], tokens: list[bytes],
-                       tail: list[bytes]) -> None:
-    """One write per token frame, each after the token latency, as a slow model streams."""
-    if head:
-        await resp.write(b"".join(head))
-    for frame in tokens:
-        await asyncio.sleep(ctx.latency)
-        await resp.write(frame)
-        ctx.entry["output_tokens"] += 1
-    if tail:
-        await resp.write(b"".join(tail))
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}{next(_ids):024x}"
-
-
-# --------------------------------------------------------------------------------------------
-# OpenAI chat completions
-# --------------------------------------------------------------------------------------------
-
-
-def _chat_usage(ctx: _Ctx) -> dict:
-    details: dict[str, int] = {"cached_tokens": ctx.cache_read}
-    if ctx.cache_write:
-        details["cache_write_tokens"] = ctx.cache_write
-    return {
-        "prompt_tokens": ctx.input_tokens,
-        "completion_tokens": ctx.output_tokens,
-        "total_tokens": ctx.input_tokens + ctx.output_tokens,
-        "prompt_tokens_details": details,
-        "completion_tokens_details": {"reasoning_tokens": 0},
-    }
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    ctx = await _parse(request, CHAT)
-    if isinstance(ctx, web.Response):
-        return ctx
-    cid = ctx.set_id(_new_id("chatcmpl-fake"))
-    created = int(time.time())
-    finish = "length" if ctx.capped else "stop"
-    words = output_words(ctx.output_tokens)
-    if not ctx.stream:
-        await _sleep_total(ctx)
-        return await _answer(ctx, {
-            "id": cid,
-            "object": "chat.completion",
-            "created": created,
-            "model": ctx.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": "".join(words), "refusal": None, "annotations": []},
-                "logprobs": None,
-                "finish_reason": finish,
-            }],
-            "usage": _chat_usage(ctx),
-            "service_tier": "default",
-            "system_fingerprint": "fp_fake",
-        })
-    so = ctx.body.get("stream_options")
-    include_usage = isinstance(so, dict) and so.get("include_usage") is True and not ctx.omit_usage
-    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model,
-            "service_tier": "default", "system_fingerprint": "fp_fake"}
-    if include_usage:
-        base["usage"] = None
-
-    def chunk(delta: dict, finish_reason: str | None) -> bytes:
-        return _sse_data({**base, "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
-
-    tokens = [chunk({"role": "assistant", "content": w} if i == 0 else {"content": w}, None)
-              for i, w in enumerate(words)]
-    tail = [chunk({} if words else {"role": "assistant", "content": ""}, finish)]
-    if include_usage:
-        tail.append(_sse_data({**base, "choices": [], "usage": _chat_usage(ctx)}))
-    tail.append(b"data: [DONE]\n\n")
-    return await _stream(ctx, [], tokens, tail)
-
-
-# --------------------------------------------------------------------------------------------
-# OpenAI responses
-# --------------------------------------------------------------------------------------------
-
-
-def _responses_usage(ctx: _Ctx) -> dict:
-    return {
-        "input_tokens": ctx.input_tokens,
-        "input_tokens_details": {"cached_tokens": ctx.cache_read, "cache_write_tokens": ctx.cache_write},
-        "output_tokens": ctx.output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": ctx.input_tokens + ctx.output_tokens,
-    }
-
-
-def _response_obj(ctx: _Ctx, rid: str, created: int, status: str, output: list, usage: dict | None) -> dict:
-    b = ctx.body
-    return {
-        "id": rid,
-        "object": "response",
-        "created_at": created,
-        "status": status,
-        "background": False,
-        "error": None,
-        "incomplete_details": None,
-        "instructions": b.get("instructions"),
-        "max_output_tokens": b.get("max_output_tokens"),
-        "metadata": b.get("metadata") or {},
-        "model": ctx.model,
-        "output": output,
-        "parallel_tool_calls": True,
-        "previous_response_id": b.get("previous_response_id"),
-        "reasoning": {"effort": None, "summary": None},
-        "service_tier": "default",
-        "store": b.get("store", True),
-        "temperature": b.get("temperature", 1.0),
-        "text": {"format": {"type": "text"}},
-        "tool_choice": "auto",
-        "tools": [],
-        "top_p": b.get("top_p", 1.0),
-        "truncation": "disabled",
-        "usage": usage,
-        "user": None,
-    }
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    ctx = await _parse(request, RESPONSES)
-    if isinstance(ctx, web.Response):
-        return ctx
-    n = next(_ids)
-    rid, mid = ctx.set_id(f"resp_fake{n:024x}"), f"msg_fake{n:024x}"
-    created = int(time.time())
-    words = output_words(ctx.output_tokens)
-    text = "".join(words)
-    part_done = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-    item_done = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part_done]}
-    if not ctx.stream:
-        await _sleep_total(ctx)
-        return await _answer(ctx, _response_obj(ctx, rid, created, "completed", [item_done],
-                                                _responses_usage(ctx)))
-    seq = itertools.count()
-    pending = _response_obj(ctx, rid, created, "in_progress", [], None)
-    head = [
-        _sse_event("response.created", {"type": "response.created", "sequence_number": next(seq),
-                                         "response": pending}),
-        _sse_event("response.in_progress", {"type": "response.in_progress", "sequence_number": next(seq),
-                                            "response": pending}),
-        _sse_event("response.output_item.added", {
-            "type": "response.output_item.added", "sequence_number": next(seq), "output_index": 0,
-            "item": {"id": mid, "type": "message", "status": "in_progress", "role": "assistant", "content": []}}),
-        _sse_event("response.content_part.added", {
-            "type": "response.content_part.added", "sequence_number": next(seq), "item_id": mid,
-            "output_index": 0, "content_index": 0,
-            "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}}),
-    ]
-    tokens = [
-        _sse_event("response.output_text.delta", {
-            "type": "response.output_text.delta", "sequence_number": next(seq), "item_id": mid,
-            "output_index": 0, "content_index": 0, "delta": w, "logprobs": []})
-        for w in words
-    ]
-    tail = [
-        _sse_event("response.output_text.done", {
-            "type": "response.output_text.done", "sequence_number": next(seq), "item_id": mid,
-            "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
-        _sse_event("response.content_part.done", {
-            "type": "response.content_part.done", "sequence_number": next(seq), "item_id": mid,
-            "output_index": 0, "content_index": 0, "part": part_done}),
-        _sse_event("response.output_item.done", {
-            "type": "response.output_item.done", "sequence_number": next(seq), "output_index": 0,
-            "item": item_done}),
-        _sse_event("response.completed", {
-            "type": "response.completed", "sequence_number": next(seq),
-            "response": _response_obj(ctx, rid, created, "completed", [item_done],
-                                      None if ctx.omit_usage else _responses_usage(ctx))}),
-    ]
-    return await _stream(ctx, head, tokens, tail)
-
-
-# --------------------------------------------------------------------------------------------
-# OpenAI embeddings, models
-# --------------------------------------------------------------------------------------------
-
-
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    ctx = await _parse(request, EMBEDDINGS)
-    if isinstance(ctx, web.Response):
-        return ctx
-    ctx.set_id(_new_id("embd-fake"))
-    as_b64 = ctx.body.get("encoding_format") == "base64"
-    data = []
-    for i, item in enumerate(_embedding_inputs(ctx.body.get("input"))):
-        vec: Any = embedding_vector(item)
-        if as_b64:
-            vec = base64.b64encode(struct.pack("<8f", *vec)).decode()
-        data.append({"object": "embedding", "index": i, "embedding": vec})
-    return await _answer(ctx, {
-        "object": "list",
-        "data": data,
-        "model": ctx.model,
-        "usage": {"prompt_tokens": ctx.input_tokens, "total_tokens": ctx.input_tokens},
-    })
-
-
-_MODELS_BODY = orjson.dumps({
-    "object": "list",
-    "data": [{"id": m, "object": "model", "created": 1700000000,
-              "owned_by": "anthropic" if m.startswith("claude") else "openai"} for m in MODELS],
-})
-
-
-async def models(request: web.Request) -> web.Response:
-    return web.Response(body=_MODELS_BODY, content_type=_JSON, headers=_echo_headers(request, ""))
-
-
-async def not_found(request: web.Request) -> web.Response:
-    body = error_body(CHAT, 404, f"Invalid URL ({request.method} {request.path})")
-    body["error"]["code"] = None
-    return _json(request, "", body, status=404)
-
-
-# --------------------------------------------------------------------------------------------
-# Anthropic messages
-# --------------------------------------------------------------------------------------------
-
-
-def _anthropic_usage(ctx: _Ctx, output_tokens: int) -> dict:
-    return {
-        "input_tokens": ctx.input_tokens - ctx.cache_read - ctx.cache_write,
-        "cache_creation_input_tokens": ctx.cache_write,
-        "cache_read_input_tokens": ctx.cache_read,
-        "output_tokens": output_tokens,
-        "service_tier": "standard",
-    }
-
-
-async def messages(request: web.Request) -> web.StreamResponse:
-    ctx = await _parse(request, ANTHROPIC)
-    if isinstance(ctx, web.Response):
-        return ctx
-    mid = ctx.set_id(_new_id("msg_fake"))
-    words = output_words(ctx.output_tokens)
-    stop = "max_tokens" if ctx.capped else "end_turn"
-    if not ctx.stream:
-        await _sleep_total(ctx)
-        return await _answer(ctx, {
-            "id": mid,
-            "type": "message",
-            "role": "assistant",
-            "model": ctx.model,
-            "content": [{"type": "text", "text": "".join(words)}],
-            "stop_reason": stop,
-            "stop_sequence": None,
-            "usage": _anthropic_usage(ctx, ctx.output_tokens),
-        })
-    start = {"id": mid, "type": "message", "role": "assistant", "model": ctx.model, "content": [],
-             "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(ctx, 1)}
-    message_delta = {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-                     "usage": {"output_tokens": ctx.output_tokens}}
-    if ctx.omit_usage:
-        start, message_delta = _without_usage(ANTHROPIC, start), _without_usage(ANTHROPIC, message_delta)
-    head = [
-        _sse_event("message_start", {"type": "message_start", "message": start}),
-        _sse_event("content_block_start", {"type": "content_block_start", "index": 0,
-                                           "content_block": {"type": "text", "text": ""}}),
-        _sse_event("ping", {"type": "ping"}),
-    ]
-    tokens = [
-        _sse_event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                           "delta": {"type": "text_delta", "text": w}})
-        for w in words
-    ]
-    tail = [
-        _sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        _sse_event("message_delta", message_delta),
-        _sse_event("message_stop", {"type": "message_stop"}),
-    ]
-    return await _stream(ctx, head, tokens, tail)
-
-
-async def count_tokens(request: web.Request) -> web.StreamResponse:
-    ctx = await _parse(request, ANTHROPIC, billed=False)
-    if isinstance(ctx, web.Response):
-        return ctx
-    return _json(request, ctx.model, {"input_tokens": ctx.input_tokens})
-
-
-# --------------------------------------------------------------------------------------------
-# app and entry point
-# --------------------------------------------------------------------------------------------
-
-
-def build_app(token_latency_ms: float = 0.0, ledger_size: int = DEFAULT_LEDGER_SIZE) -> web.Application:
+from . import validation
+from .anthropic_api import count_tokens, messages
+from .core import (
+    ANTHROPIC,
+    CHAT,
+    EMBEDDINGS,
+    LATENCY_KEY,
+    MODELS_KEY,
+    RESPONSES,
+    cache_split,
+    cache_split_ttl,
+    count_input_tokens,
+    embedding_vector,
+    error_body,
+    output_plan,
+    output_token_count,
+    output_words,
+    text_tokens,
+)
+from .ledger import DEFAULT_LEDGER_SIZE, LEDGER_KEY, Ledger, ledger_delete, ledger_get
+from .openai_api import (
+    STORE_KEY,
+    ResponseStore,
+    chat_completions,
+    embeddings,
+    models,
+    not_found,
+    responses,
+)
+
+__all__ = [
+    "ANTHROPIC", "CHAT", "DEFAULT_LEDGER_SIZE", "EMBEDDINGS", "RESPONSES", "Ledger", "build_app", "cache_split",
+    "cache_split_ttl", "count_input_tokens", "embedding_vector", "error_body", "main", "output_plan",
+    "output_token_count", "output_words", "text_tokens",
+]
+
+
+def build_app(token_latency_ms: float = 0.0, ledger_size: int = DEFAULT_LEDGER_SIZE,
+              prices: Iterable[str] = (), models_extra: Iterable[str] = ()) -> web.Application:
     """The aiohttp application; ``token_latency_ms`` is the default per-token stream latency,
-    ``ledger_size`` the number of ledger entries kept (the oldest are evicted)."""
+    ``ledger_size`` the number of ledger entries (and stored responses) kept, the oldest evicted;
+    ``prices`` and ``models_extra`` add models served (see the module docstring)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[_LATENCY_KEY] = float(token_latency_ms)
-    app[_LEDGER_KEY] = Ledger(ledger_size)
+    app[LATENCY_KEY] = float(token_latency_ms)
+    app[LEDGER_KEY] = Ledger(ledger_size)
+    app[STORE_KEY] = ResponseStore(ledger_size)
+    app[MODELS_KEY] = validation.ModelList.load(prices, models_extra)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -903,13 +325,18 @@ def build_app(token_latency_ms: float = 0.0, ledger_size: int = DEFAULT_LEDGER_S
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m extproc.fakeprovider --port N [--host H] [--token-latency-ms F] [--ledger-size N]``."""
+    """``python -m extproc.fakeprovider --port N [--host H] [--token-latency-ms F] [--ledger-size N]
+    [--prices PATH ...] [--models NAMES]``."""
     parser = argparse.ArgumentParser(prog="python -m extproc.fakeprovider", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--token-latency-ms", type=float, default=0.0)
     parser.add_argument("--ledger-size", type=int, default=DEFAULT_LEDGER_SIZE,
                         help="ledger entries kept in memory (GET /_fake/ledger); the oldest are evicted")
+    parser.add_argument("--prices", action="append", default=[],
+                        help="a price file or policy directory whose models are served too (repeatable)")
+    parser.add_argument("--models", action="append", default=[],
+                        help="comma-separated model names or globs served too (repeatable)")
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -918,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     loop = uvloop.new_event_loop() if uvloop is not None else asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     web.run_app(
-        build_app(args.token_latency_ms, args.ledger_size),
+        build_app(args.token_latency_ms, args.ledger_size, args.prices, args.models),
         host=args.host,
         port=args.port,
         access_log=None,
