@@ -30,7 +30,8 @@ class Candidate:
 
 
 def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: Attrs, path: str,
-          choices: int = 1, server_tools: dict[str, int] | None = None) -> Candidate:
+          choices: int = 1, server_tools: dict[str, int] | None = None,
+          advisors: list[tuple[str, int, int | None]] | None = None) -> Candidate:
     """Raise GatewayError (400 unpriced, 400 unroutable, 403 not allowed) or return the candidate.
     `choices` (chat's `n`) multiplies the output the worst case pays for; `server_tools` (kind ->
     most calls) adds their per-call fees."""
@@ -48,12 +49,27 @@ def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: A
         raise access.refusal(rules, attrs, model, prices.names())
 
     fees = prices.tool_fees_nusd(server_tools or {})
+    consulted = []
+    for adv, uses, adv_cap in advisors or ():
+        adv_price = prices.lookup(adv)
+        if adv_price is None:
+            raise GatewayError(400, f"The advisor model `{adv}` has no price in Tollgate's price table, so the "
+                               "request cannot be budgeted.", code="model_not_found", param="tools")
+        consulted.append((adv_price, uses, adv_price.max_output_tokens if adv_cap is None else adv_cap))
+
+    def advice_nusd(input_tokens: int) -> int:
+        """Each advisor call reads the conversation (at most the request's input bound plus the
+        worker's output so far, bounded here by the input bound) and writes up to its cap."""
+        return sum(uses * p.worst_case_nusd(input_tokens, min(cap, p.max_output_tokens)) for p, uses, cap in consulted)
 
     def cost_fn(m: str, input_tokens: int, output_tokens: int) -> int | None:
         """The worst case of `output_tokens` per completion, for each completion asked for, plus
         the fees of every server tool call the request allows."""
         p = prices.lookup(m)
-        return None if p is None else p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens) * choices) + fees
+        if p is None:
+            return None
+        return p.worst_case_nusd(input_tokens, min(output_tokens, p.max_output_tokens) * choices) + fees + advice_nusd(
+            input_tokens + output_tokens)
 
     def provider_of(m: str) -> str | None:
         # A fallback must be priced, routable for this wire format, and allowed for this caller.

@@ -291,11 +291,17 @@ class Prices:
         return int((self.usd_m(model, **tokens) * 1000).to_integral_value(ROUND_CEILING))
 
     def ledger_cost(self, entry: Mapping[str, Any]) -> int:
-        """What the fake billed for one ledger entry: its tokens, its long-TTL cache writes, its
-        per-call tool fees, and iterations billed at another model's rates."""
+        """What the fake billed for one ledger entry: its top-level tokens at the model's rates
+        (cache writes by TTL: Anthropic 5 m / 1 h, OpenAI 30 m / 12 h; compaction included),
+        each `other_models` entry at that model's rates, and per-call tool fees."""
+        long = entry.get("cache_write_1h", 0) + entry.get("cache_write_12h", 0)
         usd_m = self.usd_m(entry["model"], input_tokens=entry["input_tokens"], cached=entry["cached"],
-                           cache_write=entry["cache_write"], cache_write_1h=entry.get("cache_write_1h", 0),
+                           cache_write=entry["cache_write"] - long, cache_write_1h=long,
                            output_tokens=entry["output_tokens"])
+        for other in entry.get("other_models") or ():
+            usd_m += self.usd_m(other["model"], input_tokens=other["input_tokens"], cached=other.get("cached", 0),
+                                cache_write=other.get("cache_write_5m", 0), cache_write_1h=other.get("cache_write_1h", 0),
+                                output_tokens=other["output_tokens"])
         for kind, n in (entry.get("tool_calls") or {}).items():
             usd_m += n * self.tools.get(kind, Decimal(0)) * 1_000_000
         return int((usd_m * 1000).to_integral_value(ROUND_CEILING))

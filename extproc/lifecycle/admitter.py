@@ -43,7 +43,8 @@ class Admitter:
         api, req = ctx.api, ctx.req
         assert api is not None and req is not None
         attrs = ctx.attrs()
-        cand = decide.check(ctx.config, api, req.model, req.output_cap, attrs, ctx.path, req.choices, req.server_tools)
+        cand = decide.check(ctx.config, api, req.model, req.output_cap, attrs, ctx.path, req.choices, req.server_tools,
+                            req.advisors)
         ctx.price, ctx.provider, ctx.model_served = cand.price, cand.provider, req.model
         if self.engine is None:
             return False

@@ -34,6 +34,17 @@ class Messages(Api):
                 out[kind] = out.get(kind, 0) + n
         return out
 
+    def advisors(self, body: dict[str, Any], default_calls: int) -> list[tuple[str, int, int | None]]:
+        """The advisor tool (`advisor_*`): each call runs its model on the conversation so far,
+        billed at that model's rates, up to `max_uses` calls of `max_tokens` output each."""
+        out = []
+        for t in body.get("tools") or ():
+            if isinstance(t, dict) and str(t.get("type") or "").startswith("advisor_") and isinstance(t.get("model"), str):
+                uses, cap = t.get("max_uses"), t.get("max_tokens")
+                out.append((t["model"], uses if isinstance(uses, int) and uses >= 0 else default_calls,
+                            cap if isinstance(cap, int) and cap >= 0 else None))
+        return out
+
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
         u = obj.get("usage")
         return anthropic_usage(u) if isinstance(u, dict) else None

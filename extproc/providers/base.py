@@ -51,6 +51,7 @@ class ParsedRequest:
     input_tokens_upper: int  # never below the real input token count
     choices: int = 1  # completions asked for (chat's `n`): each one bills up to the output cap
     server_tools: dict[str, int] = field(default_factory=dict)  # tool kind -> most calls it may make
+    advisors: list[tuple[str, int, int | None]] = field(default_factory=list)  # (model, most calls, output cap per call)
 
 
 @dataclass(slots=True)
@@ -128,8 +129,10 @@ class Api:
         images = sum(raw.count(m) for m in _IMAGE_MARKERS)
         upper = len(raw) + images * IMAGE_TOKENS_UPPER
         tools: dict[str, int] = {}
+        advisors: list[tuple[str, int, int | None]] = []
         if bounds is not None:
             tools = self.server_tools(body, bounds.server_tool_calls)
+            advisors = self.advisors(body, bounds.server_tool_calls)
             upper += sum(tools.values()) * bounds.server_tool_input_tokens
             if any(m in raw for m in _DOCUMENT_MARKERS):
                 upper += _referenced_documents(body) * bounds.document_input_tokens
@@ -143,6 +146,7 @@ class Api:
             input_tokens_upper=upper,
             choices=choices,
             server_tools=tools,
+            advisors=advisors,
         )
 
     def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
@@ -152,6 +156,10 @@ class Api:
     def stateful(self, body: dict[str, Any]) -> bool:
         """True when the provider adds stored context the body does not carry."""
         return False
+
+    def advisors(self, body: dict[str, Any], default_calls: int) -> list[tuple[str, int, int | None]]:
+        """Other models the request lets the provider consult, billed at their own rates."""
+        return []
 
     def set_model(self, body: dict[str, Any], model: str) -> None:
         body["model"] = model
