@@ -73,26 +73,11 @@ STATE_FIELDS: dict[str, tuple[str, ...]] = {
 
 # ---- what today's code cannot do: one strict xfail per (fixture, check) -----------------------
 # Remove an entry when its fix lands (the test then XPASSes, which fails the run until you do).
-WEB_SEARCH_ITEMS = ("Responses.usage_from_json counts one web search fee per web_search_call item, page actions "
-                    "(open_page, find_in_page) included; the billable count is Response.tool_usage.web_search."
-                    "num_requests")
 IMAGE_TOKENS = ("Usage has no image generation token fields (image_gen_input_tokens / image_gen_output_tokens from "
                 "Response.tool_usage.image_gen): image generation is billed at the image model's token rates, "
                 "and the table's per-call fee for it is 0")
 
 XFAIL: dict[str, str] = {
-    "anthropic_cache_ttl::usage.reasoning":
-        "anthropic_usage does not read usage.output_tokens_details.thinking_tokens into Usage.reasoning_tokens",
-    "gemini_chat_thinking::usage.output":
-        "openai_usage bills completion_tokens only: Gemini's thinking tokens show only in total_tokens "
-        "(billed output = max(completion_tokens, total_tokens - prompt_tokens))",
-    "gemini_chat_thinking::usage.reasoning":
-        "openai_usage leaves Usage.reasoning_tokens 0 when thinking shows only as total_tokens - prompt - completion",
-    "openai_responses_search_tools::usage.web_search_calls": WEB_SEARCH_ITEMS,
-    "openai_responses_search_tools_stream::usage.web_search_calls": WEB_SEARCH_ITEMS,
-    "openai_responses_code_image_tools::usage.code_interpreter_containers":
-        "Responses.usage_from_json counts one code interpreter fee per code_interpreter_call item; OpenAI bills "
-        "per container session (two calls in one container_id are one session)",
     "openai_responses_code_image_tools::usage.image_gen_input": IMAGE_TOKENS,
     "openai_responses_code_image_tools::usage.image_gen_output": IMAGE_TOKENS,
     "openai_responses_code_image_tools_stream::usage.image_gen_input": IMAGE_TOKENS,

@@ -104,6 +104,9 @@ def anthropic_usage(u: dict[str, Any]) -> Usage:
     `fallback_message` iterations are the turns the top level already sums.
     """
     usage = _tokens(u)
+    details = u.get("output_tokens_details")
+    if isinstance(details, dict):  # thinking is billed inside output_tokens; kept apart for the record
+        usage.reasoning_tokens = as_int(details.get("thinking_tokens"))
     stu = u.get("server_tool_use")
     if isinstance(stu, dict):
         for field, kind in (("web_search_requests", "web_search"), ("web_fetch_requests", "web_fetch")):
@@ -122,7 +125,7 @@ def anthropic_usage(u: dict[str, Any]) -> Usage:
 def _merge(seen: Usage, new: Usage, raw: dict[str, Any]) -> Usage:
     """A stream's usage so far updated by a cumulative message_delta: counts only grow; tool
     calls and iterations, when the delta carries them, are the whole message's."""
-    for f in ("input_tokens", "cached_input_tokens", "output_tokens"):
+    for f in ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens"):
         setattr(seen, f, max(getattr(seen, f), getattr(new, f)))
     if isinstance(raw.get("cache_creation"), dict):  # the split itself
         seen.cache_write_tokens = max(seen.cache_write_tokens, new.cache_write_tokens)

@@ -225,9 +225,12 @@ def openai_usage(u: Any, input_key: str, output_key: str) -> Usage | None:
     long_writes = min(as_int(ttl.get("ttl_12h_tokens")), writes) if isinstance(ttl, dict) else 0
     out_details = u.get(output_key + "_details")
     reasoning = as_int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    # Gemini's OpenAI-compatible endpoint counts thinking only in `total_tokens` (billed as
+    # output): what the total holds beyond the input is output, whatever completion_tokens says.
+    output = max(as_int(u.get(output_key)), as_int(u.get("total_tokens")) - total_in)
     return Usage(input_tokens=total_in - cached - writes, cached_input_tokens=cached,
                  cache_write_tokens=writes - long_writes, cache_write_long_tokens=long_writes,
-                 output_tokens=as_int(u.get(output_key)), reasoning_tokens=reasoning)
+                 output_tokens=output, reasoning_tokens=max(reasoning, output - as_int(u.get(output_key))))
 
 
 def as_int(v: Any) -> int:

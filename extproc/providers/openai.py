@@ -88,10 +88,25 @@ class Responses(Api):
         usage = openai_usage(obj.get("usage"), "input_tokens", "output_tokens")
         if usage is None:
             return None
+        containers: set[str] = set()
         for item in obj.get("output") or ():
             kind = _TOOL_ITEMS.get(item.get("type")) if isinstance(item, dict) else None
+            if kind == "code_interpreter":  # billed per container session, not per call
+                cid = item.get("container_id")
+                if isinstance(cid, str) and cid:
+                    if cid in containers:
+                        continue
+                    containers.add(cid)
             if kind is not None:
                 usage.tool_calls[kind] = usage.tool_calls.get(kind, 0) + 1
+        # `tool_usage.web_search.num_requests` counts the billable searches (page visits and
+        # discounted searches excluded); the call items count every action.
+        tool_usage = obj.get("tool_usage")
+        web = tool_usage.get("web_search") if isinstance(tool_usage, dict) else None
+        if isinstance(web, dict) and isinstance(web.get("num_requests"), int):
+            usage.tool_calls["web_search"] = as_int(web["num_requests"])
+            if not usage.tool_calls["web_search"]:
+                del usage.tool_calls["web_search"]
         return usage
 
     def on_event(self, state: StreamState, event: str, data: bytes) -> None:

@@ -60,12 +60,17 @@ PRICED: dict[str, str] = {
     "openai.responses.ResponseUsage.output_tokens_details.reasoning_tokens":
         "Usage.reasoning_tokens: a record breakdown, billed inside output_tokens",
     f"{_OI}[web_search_call]":
-        "Usage.tool_calls['web_search'], one fee per item at the table's tools.web_search; page actions "
-        "(open_page, find_in_page) are counted too: see tool_usage.web_search.num_requests",
+        "Usage.tool_calls['web_search'], one fee per item at the table's tools.web_search when the response "
+        "has no tool_usage.web_search.num_requests (which wins: it excludes page actions)",
+    "openai.responses.Response.tool_usage.web_search.num_requests":
+        "Usage.tool_calls['web_search']: the billable searches, at the table's tools.web_search",
+    f"{_OI}[code_interpreter_call].container_id":
+        "Usage.tool_calls['code_interpreter'] counts distinct containers: one fee per container session",
+    **{f"{r}.output_tokens_details.thinking_tokens":
+       "Usage.reasoning_tokens: a record breakdown, billed inside output_tokens" for r in _A_ALL},
     f"{_OI}[file_search_call]": "Usage.tool_calls['file_search'], one fee per item at the table's tools.file_search",
     f"{_OI}[code_interpreter_call]":
-        "Usage.tool_calls['code_interpreter'], one fee per item at the table's tools.code_interpreter; OpenAI "
-        "bills per container session: see container_id",
+        "Usage.tool_calls['code_interpreter'], one fee per container session at the table's tools.code_interpreter",
     f"{_OI}[image_generation_call]":
         "Usage.tool_calls['image_generation'], one per item at the table's tools.image_generation (0): the cost "
         "is the image tokens in Response.tool_usage.image_gen",
@@ -161,10 +166,6 @@ NOT_BILLED: dict[str, str] = {
 }
 
 NOT_YET_PRICED: dict[str, str] = {
-    # breakdowns the attribution record must keep (the cost is already right)
-    **{f"{r}.output_tokens_details.thinking_tokens":
-       f"{_ISSUE}, record breakdown: anthropic_usage does not read thinking tokens into Usage.reasoning_tokens "
-       "(billed inside output_tokens, so the cost is right)" for r in _A_ALL},
     # audio
     "openai.CompletionUsage.prompt_tokens_details.audio_tokens":
         f"{_ISSUE}, price table: audio input rates are not modelled (priced as text input)",
@@ -181,12 +182,6 @@ NOT_YET_PRICED: dict[str, str] = {
     **{f"{r}.speed": f"{_ISSUE}, price table: fast mode ('fast') bills at premium rates (Anthropic pricing, fast mode)"
        for r in _A_USAGE},
     # server-side tools
-    "openai.responses.Response.tool_usage.web_search.num_requests":
-        f"{_ISSUE}, server tools: the billable web searches (page actions excluded); the parser counts "
-        "web_search_call items instead, which overcharges open_page / find_in_page actions",
-    f"{_OI}[code_interpreter_call].container_id":
-        f"{_ISSUE}, server tools: code interpreter bills per container session; the parser counts one fee per "
-        "call item, which overcharges several calls in one container",
     f"{_OI}[shell_call]":
         f"{_ISSUE}, server tools: a hosted shell (container environment) is billed per container session like "
         "code interpreter; a local environment costs nothing",
