@@ -88,12 +88,16 @@ def _send(stack, case: Case, stream: bool) -> tuple[httpx.Response, str, bytes]:
     return r, rid, raw
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+@pytest.mark.parametrize("stream", [False, True, 7, 61], ids=["json", "sse", "sse-split-7", "sse-split-61"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_charged_exactly_what_the_provider_billed(stack, attribution: JsonLog, case: Case, stream: bool) -> None:
+def test_charged_exactly_what_the_provider_billed(stack, attribution: JsonLog, case: Case, stream: bool | int) -> None:
+    """`stream` an int: the fake writes the stream in pieces of that many bytes, splitting events
+    (and lines) at arbitrary points, as TCP segments do."""
     if stream and case.name == "anthropic max_tokens 0":
         pytest.skip("max_tokens 0 is a cache warm-up; nothing to stream")
-    r, rid, raw = _send(stack, case, stream)
+    if not isinstance(stream, bool):
+        case = Case(case.name, case.path, case.body, {**case.hooks, "x-fake-chunk-bytes": str(stream)}, case.billed_kinds)
+    r, rid, raw = _send(stack, case, bool(stream))
     assert r.status_code == 200, raw[:400]
     rec = attribution.get(r.headers["x-tollgate-request-id"])
     (entry,) = fake_ledger(stack.ports.fake, request_id=rid)

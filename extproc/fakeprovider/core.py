@@ -419,6 +419,7 @@ class Ctx:
         self.omit_usage = flag(h, "x-fake-omit-usage")
         self.stall = ms_header(h, "x-fake-stall-after-ms") or 0.0
         self.single_write = flag(h, "x-fake-single-write")
+        self.chunk_bytes = int_header(h, "x-fake-chunk-bytes")  # streams: write the bytes in pieces of this size
         error_after = int_header(h, "x-fake-stream-error-after")
         self.stream_error_after = max(0, error_after) if error_after is not None and self.stream else None
         self.failed_usage = flag(h, "x-fake-failed-usage")
@@ -561,6 +562,13 @@ async def stream(ctx: Ctx, head: list[bytes], tokens: list[bytes], tail: list[by
                 await asyncio.sleep(ctx.latency * len(tokens))
             ctx.entry["output_tokens"] += head_output
             ended = await _write_once(ctx, resp, b"".join(head + tokens + tail), len(tokens), cut is None)
+        elif ctx.chunk_bytes and ctx.chunk_bytes > 0:
+            ctx.entry["output_tokens"] += head_output
+            data, size = b"".join(head + tokens + tail), ctx.chunk_bytes
+            for i in range(0, len(data), size):  # pieces that split events, lines, even CRLFs anywhere
+                await resp.write(data[i:i + size])
+                await asyncio.sleep(0.001)
+            ctx.entry["output_tokens"] += len(tokens)
         elif ctx.latency <= 0:
             ctx.entry["output_tokens"] += head_output
             ended = await _write_once(ctx, resp, b"".join(head + tokens + tail), len(tokens), False)

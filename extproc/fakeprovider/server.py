@@ -196,6 +196,9 @@ Test hooks (request headers)
   whole stream, including an overrun past ``max_tokens`` (with ``x-fake-ignore-max-tokens`` and
   ``x-fake-output-tokens``), in a single final chunk. With ``x-fake-stall-after-ms`` or
   ``x-fake-cut-after`` the events are one write and the end (or drop) follows.
+* ``x-fake-chunk-bytes: N`` (streams, without a token latency): the same bytes in writes of N
+  bytes, 1 ms apart, so an event (or a CRLF) is split wherever N falls: what a consumer must
+  reassemble when a provider's TCP segments cut its events anywhere.
 * Every response echoes ``x-fake-authorization`` (the ``authorization`` header received, or ""),
   ``x-fake-api-key`` (the ``x-api-key`` header received, or ""), ``x-fake-model`` (the
   requested model, or "") and ``x-fake-header-names`` (the names of all request headers
