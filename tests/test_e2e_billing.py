@@ -144,3 +144,25 @@ def test_empty_first_chunk_model_is_not_the_served_model(stack, attribution: Jso
     assert b'"model":""' in raw.replace(b" ", b"")
     rec = attribution.get(r.headers["x-tollgate-request-id"])
     assert rec["model_served"] == "gpt-4o", rec
+
+
+@pytest.mark.parametrize("path,body,status,check", [
+    (MESSAGES, {"model": "claude-haiku-4-5", "messages": PROMPT}, 400,
+     lambda j: j["type"] == "error" and j["error"]["type"] == "invalid_request_error" and "max_tokens" in j["error"]["message"]),
+    (MESSAGES, {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": []}, 400,
+     lambda j: j["type"] == "error" and j["error"]["type"] == "invalid_request_error"),
+    (CHAT, {"model": "o3", "max_tokens": 5, "messages": PROMPT}, 400,
+     lambda j: j["error"]["code"] == "unsupported_parameter" and j["error"]["param"] == "max_tokens"),
+    (RESPONSES, {"model": "gpt-4o", "max_output_tokens": 20, "input": "x", "previous_response_id": "resp_missing"}, 404,
+     lambda j: j["error"]["code"] == "previous_response_not_found"),
+])
+def test_provider_refusals_reach_the_client_in_its_shape_and_cost_nothing(stack, attribution: JsonLog, path, body,
+                                                                          status, check) -> None:
+    """The fake refuses what the real APIs refuse, with their status and error shape; Tollgate
+    passes the refusal through, releases the reservation and charges nothing."""
+    r, rid, raw = _send(stack, Case("refusal", path, body), stream=False)
+    assert r.status_code == status and check(json.loads(raw)), raw[:300]
+    rec = attribution.get(r.headers["x-tollgate-request-id"])
+    assert rec["cost_nusd"] == 0 and rec["status"] == status and rec["settlement"] == "settled", rec
+    (entry,) = fake_ledger(stack.ports.fake, request_id=rid)
+    assert entry["status"] == status and Prices().ledger_cost(entry) == 0
