@@ -19,6 +19,7 @@ from .core import (
     ANTHROPIC,
     Ctx,
     answer,
+    begin,
     count_header,
     flag,
     json_response,
@@ -184,11 +185,10 @@ def _tool_use(tid: str, name: str, tool_input: dict) -> tuple[dict, list[dict], 
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    parsed = await parse(request, ANTHROPIC)
-    if isinstance(parsed, web.Response):
-        return parsed
-    ctx = Ctx(request, ANTHROPIC, *parsed)
-    mid = ctx.set_id(new_id("msg_fake"))
+    ctx = await begin(request, ANTHROPIC, "msg_fake")
+    if isinstance(ctx, web.Response):
+        return ctx
+    mid = ctx.entry["id"]
     plan = _Plan(ctx)
     pre_output = plan.bill(ctx)
     words = output_words(ctx.visible)

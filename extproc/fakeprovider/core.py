@@ -370,6 +370,17 @@ async def parse(request: web.Request, api: str, billed: bool = True) -> tuple[di
     return body, len(raw)
 
 
+async def begin(request: web.Request, api: str, id_prefix: str) -> "Ctx | web.Response":
+    """A generating endpoint's first step: the parsed, billed request context with its answer id,
+    or the refusal to answer with."""
+    parsed = await parse(request, api)
+    if isinstance(parsed, web.Response):
+        return parsed
+    ctx = Ctx(request, api, *parsed)
+    ctx.set_id(new_id(id_prefix))
+    return ctx
+
+
 # --------------------------------------------------------------------------------------------
 # the parsed request
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .core import (
     RESPONSES,
     Ctx,
     answer,
+    begin,
     count_header,
     echo_headers,
     embedding_inputs,
@@ -73,11 +74,10 @@ def _failed(ctx: Ctx, error: str) -> None:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    parsed = await parse(request, CHAT)
-    if isinstance(parsed, web.Response):
-        return parsed
-    ctx = Ctx(request, CHAT, *parsed)
-    cid = ctx.set_id(new_id("chatcmpl-fake"))
+    ctx = await begin(request, CHAT, "chatcmpl-fake")
+    if isinstance(ctx, web.Response):
+        return ctx
+    cid = ctx.entry["id"]
     created = int(time.time())
     finish = "length" if ctx.capped else "stop"
     words = output_words(ctx.visible)
@@ -378,11 +378,9 @@ def _tool_event(name: str, seq: itertools.count[int], index: int, item_id: str, 
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    parsed = await parse(request, EMBEDDINGS)
-    if isinstance(parsed, web.Response):
-        return parsed
-    ctx = Ctx(request, EMBEDDINGS, *parsed)
-    ctx.set_id(new_id("embd-fake"))
+    ctx = await begin(request, EMBEDDINGS, "embd-fake")
+    if isinstance(ctx, web.Response):
+        return ctx
     as_b64 = ctx.body.get("encoding_format") == "base64"
     dims = ctx.body.get("dimensions")
     dims = dims if isinstance(dims, int) and not isinstance(dims, bool) else 8
