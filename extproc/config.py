@@ -93,7 +93,14 @@ class Provider(_Strict):
 
     url: str = Field(description="base URL up to and including the API version, e.g. https://api.openai.com/v1")
     wires: list[Wire] = ["openai"]
-    key: KeySource | None = Field(default=None, description="gateway-held key; none = the client's key passes through")
+    key: KeySource | None = Field(default=None, description="the gateway-held key sent upstream")
+    key_missing: Literal["error", "refuse"] = Field(
+        default="error", description="when `key` reads nothing (unset env var, unreadable file): `error` fails "
+                                     "`tollgate check` and start-up; `refuse` starts, and requests routed here "
+                                     "get a 503")
+    pass_client_key: bool = Field(
+        default=False, description="without a gateway key, forward the client's own provider key (authorization / "
+                                   "x-api-key), never a Tollgate credential; off = the provider gets no key")
     connect_timeout_seconds: float = 5.0
 
     @field_validator("url")
@@ -293,9 +300,14 @@ def _merge(dst: dict[str, Any], src: dict[str, Any], loc: tuple, fmap: SourceMap
 
 
 def _cross_check(doc: PolicyDoc, smap: SourceMap) -> list[str]:
-    """Checks that span sections: routes name real providers."""
+    """Checks that span sections: routes name real providers; every provider's key reads something."""
     problems = []
     for i, r in enumerate(doc.routes):
         if r.provider not in doc.providers:
             problems.append(smap.describe(("routes", i, "provider"), f"unknown provider {r.provider!r}"))
+    for name, p in doc.providers.items():
+        if p.key is not None and p.key_missing == "error" and p.key.read() is None:
+            where = f"env {p.key.env} is unset or empty" if p.key.env else f"file {p.key.file} is unreadable or empty"
+            problems.append(smap.describe(("providers", name, "key"), f"provider {name!r} has no key: {where} (set "
+                                          "it, or `key_missing: refuse` to start without this provider)"))
     return problems

@@ -46,6 +46,7 @@ class Processor:
         self.gw = gw
         self.ctx = RequestContext(gw.config)
         self.settler = Settler(gw, self.ctx)
+        self._client_keys: dict[str, str] = {}  # provider-key headers the client sent that are not its credential
 
     @property
     def request_id(self) -> str:
@@ -89,6 +90,8 @@ class Processor:
         assert ctx.identity is not None
         creds = self.gw.auth.headers_to_strip(ctx.identity)
         remove = [k for k in headers if k.startswith(_STRIPPED_PREFIXES) or k in creds or k == "cookie"]
+        # Provider-key headers still present: decided once the provider is known (request body).
+        self._client_keys = {k: headers[k] for k in ("authorization", "x-api-key") if k in headers and k not in remove}
         return msg.request_headers(msg.common(remove=remove) if remove else None)
 
     # ---- request body ----------------------------------------------------------------
@@ -110,6 +113,7 @@ class Processor:
         assert ctx.provider is not None
         set_headers = {UPSTREAM_HEADER: ctx.provider}
         remove: list[str] = []
+        provider = ctx.config.providers[ctx.provider]
         key = self.gw.provider_keys.get(ctx.provider)
         if key:
             if api.wire == "anthropic":
@@ -118,6 +122,15 @@ class Processor:
             else:
                 set_headers["authorization"] = f"Bearer {key}"
                 remove.append("x-api-key")
+        elif provider.key is not None:  # its key source read nothing and the policy let it start
+            return await self._refuse(GatewayError(
+                503, f"Provider {ctx.provider!r} has no key configured on this gateway; ask your platform team.",
+                type="api_error", code="provider_key_missing"))
+        else:
+            # No gateway key: the client's own provider key goes only where the policy says so,
+            # and a Tollgate credential never does.
+            remove += [h for h in self._client_keys
+                       if not provider.pass_client_key or self.gw.auth.is_tollgate_credential(h, self._client_keys[h])]
         if body is not None:
             set_headers["content-length"] = str(len(body))
         ctx.to(State.FORWARDED)

@@ -122,7 +122,10 @@ class Stack:
         return self.run_dir / "extproc.log"
 
     def env(self) -> dict[str, str]:
-        return {"TOLLGATE_FAKE_PORT": str(self.ports.fake), **self.extra_env}
+        # The fake provider's gateway-held key (policies/providers.yaml reads TOLLGATE_FAKE_KEY):
+        # a local one unless the caller set its own, so the demo never runs key-less.
+        fake_key = os.environ.get("TOLLGATE_FAKE_KEY") or "sk-tollgate-local-fake-key"
+        return {"TOLLGATE_FAKE_PORT": str(self.ports.fake), "TOLLGATE_FAKE_KEY": fake_key, **self.extra_env}
 
     @property
     def pid_file(self) -> PidFile:

@@ -87,3 +87,28 @@ def test_tollgate_check_exit_codes(pdir):
     (pdir / "gateway.yaml").write_text("gateway:\n  max_request_bytes: lots\n")
     bad = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(pdir)], capture_output=True, text=True)
     assert bad.returncode == 1 and "gateway.yaml:2: gateway.max_request_bytes" in bad.stderr
+
+
+def test_a_provider_key_that_reads_nothing_fails_the_check(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    from extproc.config import load_config
+    from extproc.policy_yaml import PolicyError
+
+    for f in ("prices.yaml", "gateway.yaml", "providers.yaml"):
+        shutil.copy(f"policies/{f}", tmp_path / f)
+    (tmp_path / "zz-strict.yaml").write_text(
+        "providers:\n  strict:\n    url: https://api.example.com/v1\n    key: {env: TOLLGATE_TEST_STRICT_KEY}\n")
+    monkeypatch.delenv("TOLLGATE_TEST_STRICT_KEY", raising=False)
+    with pytest.raises(PolicyError) as e:
+        load_config(tmp_path)
+    (problem,) = e.value.problems
+    assert "zz-strict.yaml:4" in problem and "TOLLGATE_TEST_STRICT_KEY is unset" in problem, problem
+    check = subprocess.run([sys.executable, "-m", "extproc.cli", "check", str(tmp_path)], capture_output=True, text=True)
+    assert check.returncode == 1 and "TOLLGATE_TEST_STRICT_KEY" in check.stderr
+    monkeypatch.setenv("TOLLGATE_TEST_STRICT_KEY", "sk-x")
+    assert load_config(tmp_path).providers["strict"].key is not None

@@ -1,5 +1,7 @@
-"""Provider keys: a provider without a gateway key receives the client's own key, but only when
-that header was not the client's Tollgate credential."""
+"""Provider keys: a provider without a gateway key receives the client's own key only when the
+policy says `pass_client_key: true`, and never a Tollgate credential (the caller's own, or
+another identity's sent alongside); a provider whose key reads nothing answers 503 when the
+policy lets the gateway start without it (issue 15, items 2 and 4)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,19 @@ providers:
   fake-passthrough:            # the same fake provider, but the client's key goes through
     url: "http://127.0.0.1:${TOLLGATE_FAKE_PORT}/v1"
     wires: [openai, anthropic]
+    pass_client_key: true
+  fake-keyless:                # no gateway key, and no client key either
+    url: "http://127.0.0.1:${TOLLGATE_FAKE_PORT}/v1"
+    wires: [openai, anthropic]
+  fake-unkeyed:                # its key source reads nothing; allowed to start
+    url: "http://127.0.0.1:${TOLLGATE_FAKE_PORT}/v1"
+    key: {env: TOLLGATE_TEST_UNSET_KEY}
+    key_missing: refuse
 prices:
   models:
     passthrough-model: {input: 1, output: 2}
+    keyless-model: {input: 1, output: 2}
+    unkeyed-model: {input: 1, output: 2}
 """
 
 
@@ -29,7 +41,9 @@ def pt_stack(policy_dir, idp, tmp_path_factory):
     (pdir / "zz-passthrough.yaml").write_text(PASSTHROUGH)
     providers = (pdir / "providers.yaml").read_text()  # first matching route wins: put ours first
     (pdir / "providers.yaml").write_text(providers.replace(
-        "routes:\n", "routes:\n  - models: [passthrough-*]\n    provider: fake-passthrough\n", 1))
+        "routes:\n", "routes:\n  - models: [passthrough-*]\n    provider: fake-passthrough\n"
+        "  - models: [keyless-*]\n    provider: fake-keyless\n"
+        "  - models: [unkeyed-*]\n    provider: fake-unkeyed\n", 1))
     with running_stack(pdir, idp, tmp_path_factory.mktemp("pt-stack")) as s:
         yield s
 
@@ -60,3 +74,27 @@ def test_gateway_key_still_replaces_the_clients(pt_stack, idp):
         content=BODY.replace(b"passthrough-model", b"gpt-4o-mini"))
     assert r.status_code == 200, r.text
     assert r.headers["x-fake-authorization"].startswith("Bearer sk-gateway")
+
+
+def test_another_identitys_tollgate_key_never_passes_through(pt_stack, idp):
+    r = httpx.post(f"{pt_stack.base_url}/v1/chat/completions", content=BODY, headers={
+        "content-type": "application/json", "cf-access-jwt-assertion": idp.token(),
+        "authorization": "Bearer key-ic", "x-api-key": "key-senior"})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-fake-authorization"] == "" and r.headers["x-fake-api-key"] == ""
+
+
+def test_keyless_provider_gets_no_client_key_without_pass_client_key(pt_stack, idp):
+    r = httpx.post(f"{pt_stack.base_url}/v1/chat/completions", headers={
+        "content-type": "application/json", "cf-access-jwt-assertion": idp.token(),
+        "authorization": "Bearer sk-client-own-key", "x-api-key": "sk-other"},
+        content=BODY.replace(b"passthrough-model", b"keyless-model"))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-fake-authorization"] == "" and r.headers["x-fake-api-key"] == ""
+
+
+def test_provider_whose_key_reads_nothing_answers_503(pt_stack):
+    r = httpx.post(f"{pt_stack.base_url}/v1/chat/completions", headers={
+        "content-type": "application/json", "authorization": "Bearer key-ic"},
+        content=BODY.replace(b"passthrough-model", b"unkeyed-model"))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "provider_key_missing", r.text

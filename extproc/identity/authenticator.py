@@ -166,6 +166,16 @@ class Authenticator:
         """Every identity-bearing header this config reads; strip them before going upstream."""
         return self._credential_headers
 
+    def is_tollgate_credential(self, name: str, value: str) -> bool:
+        """Whether a header value is one of Tollgate's own credentials (a JWT an issuer here reads
+        from that header, or a Tollgate API key): such a value never goes upstream, whoever sent it."""
+        token = (_bearer(value) or "") if name == "authorization" else value
+        if not token:
+            return False
+        if name in self._jwt_headers and parse_jwt_header(token) is not None:
+            return True
+        return name in self._api_headers and self._match_api_key(token) is not None
+
     def headers_to_strip(self, identity: Identity) -> frozenset[str]:
         """The credential headers to remove before the request goes upstream.
 
