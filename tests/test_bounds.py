@@ -91,3 +91,21 @@ def test_other_models_and_tool_calls_are_priced_by_the_table() -> None:
     u = Usage(input_tokens=1000, output_tokens=100, tool_calls={"web_search": 2},
               other_models=[("advisor", Usage(input_tokens=10, output_tokens=1)), ("unknown", Usage(input_tokens=1))])
     assert table.cost_nusd(main, u) == (1000 * 1000 + 100 * 5000) + 2 * 10_000_000 + (10 * 15_000 + 75_000) + 1000
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model":"gpt-4o-mini","messages":[],"model":"gpt-4o"}',
+    b'{"model":"gpt-4o","max_tokens":10,"messages":[],"max_tokens":100000}',
+    b'{"model":"gpt-4o","messages":[],"tools":[{"type":"web_search_20250305","max_uses":1,"max_uses":50}]}',
+])
+def test_duplicate_keys_in_a_priced_body_are_refused(raw: bytes) -> None:
+    """Priced on the last key, forwarded as sent: an upstream that reads the first would serve
+    another model (issue 15, item 5)."""
+    with pytest.raises(GatewayError) as e:
+        CHAT.parse(raw)
+    assert e.value.status == 400 and e.value.code == "duplicate_key"
+
+
+def test_a_repeated_key_name_inside_text_is_not_a_duplicate() -> None:
+    raw = b'{"model":"gpt-4o","messages":[{"role":"user","content":"the \\"model\\" field"}]}'
+    assert CHAT.parse(raw).model == "gpt-4o"

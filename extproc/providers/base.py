@@ -6,6 +6,7 @@ know which provider it talks to.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,6 +26,29 @@ _IMAGE_MARKERS = (b'"image_url"', b'"input_image"', b'"image"')
 _DOCUMENT_MARKERS = (b'"document"', b'"input_file"', b'"file"')
 _DOCUMENT_TYPES = frozenset({"document", "input_file", "file"})
 _INLINE_KEYS = ("data", "file_data", "text", "content")  # an inline document's bytes are in the body already
+
+
+# Keys that decide a request's price or route: a body naming one twice is checked for duplicate
+# keys (anywhere) before it is priced; other bodies skip the (slower) check.
+_PRICED_KEYS = tuple(f'"{k}"'.encode() for k in (
+    "model", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "stream", "stream_options",
+    "tools", "max_uses", "max_tool_calls", "previous_response_id", "conversation", "service_tier"))
+
+
+def _has_duplicate_keys(raw: bytes) -> bool:
+    found = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        if not found and len({k for k, _ in items}) != len(items):
+            found = True
+        return dict(items)
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return False  # orjson accepted it; nothing more to say here
+    return found
 
 
 def _referenced_documents(obj: Any) -> int:
@@ -108,6 +132,11 @@ class Api:
             raise bad_request(f"Request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(body, dict):
             raise bad_request("Request body must be a JSON object.", code="invalid_json")
+        if any(raw.count(k) > 1 for k in _PRICED_KEYS) and _has_duplicate_keys(raw):
+            # Tollgate read the last of each (as orjson does) but forwards the body as sent: an
+            # upstream that takes the first would serve a model other than the one priced.
+            raise bad_request("The request body repeats a key in one object; send each key once.",
+                              code="duplicate_key")
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise bad_request("You must provide a model parameter.", code="missing_model", param="model")
