@@ -31,7 +31,12 @@ if TYPE_CHECKING:
     from .app import Gateway
 
 # Headers a client may not set: only the gateway speaks `x-tollgate-*`.
-_STRIPPED_PREFIXES = ("x-tollgate-", "cf-access-")
+_STRIPPED_PREFIXES = ("x-tollgate-", "cf-access-", "x-auth-request-")
+# Identity headers other proxies use (oauth2-proxy, nginx auth_request, Apache): an upstream or
+# a log pipeline that trusts them must never receive a client's own.
+_IDENTITY_LOOKALIKES = frozenset({"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups",
+                                  "x-forwarded-preferred-username", "x-forwarded-access-token", "x-remote-user",
+                                  "remote-user", "x-user", "x-email"})
 UPSTREAM_HEADER = "x-tollgate-upstream"
 METADATA_HEADER = "x-tollgate-metadata"  # custom attributes, from trusted identities only
 GATEWAY_ERROR_HEADER = "x-tollgate-gateway-error"  # set by Envoy's local reply mappers (envoy/tollgate.yaml)
@@ -89,7 +94,8 @@ class Processor:
         # cookies (Access's CF_Authorization cookie carries the JWT) are removed.
         assert ctx.identity is not None
         creds = self.gw.auth.headers_to_strip(ctx.identity)
-        remove = [k for k in headers if k.startswith(_STRIPPED_PREFIXES) or k in creds or k == "cookie"]
+        remove = [k for k in headers if k.startswith(_STRIPPED_PREFIXES) or k in creds or k == "cookie"
+                  or k in _IDENTITY_LOOKALIKES]
         # Provider-key headers still present: decided once the provider is known (request body).
         self._client_keys = {k: headers[k] for k in ("authorization", "x-api-key") if k in headers and k not in remove}
         return msg.request_headers(msg.common(remove=remove) if remove else None)

@@ -366,7 +366,7 @@ def test_service_token_wrong_secret_is_401_bad_secret(stack, attribution):
 
 
 @pytest.mark.parametrize("headers, code", [
-    ({"cf-access-client-id": "nobody.access", "cf-access-client-secret": "bot-secret"}, "unknown_key"),
+    ({"cf-access-client-id": "nobody.access", "cf-access-client-secret": "bot-secret"}, "bad_secret"),
     ({"cf-access-client-id": "review-bot.access"}, "malformed"),
 ])
 def test_service_token_unknown_or_incomplete(stack, headers, code):

@@ -98,3 +98,14 @@ def test_provider_whose_key_reads_nothing_answers_503(pt_stack):
         "content-type": "application/json", "authorization": "Bearer key-ic"},
         content=BODY.replace(b"passthrough-model", b"unkeyed-model"))
     assert r.status_code == 503 and r.json()["error"]["code"] == "provider_key_missing", r.text
+
+
+def test_look_alike_identity_headers_never_reach_the_provider(pt_stack):
+    r = httpx.post(f"{pt_stack.base_url}/v1/chat/completions", content=BODY, headers={
+        "content-type": "application/json", "authorization": "Bearer key-ic", "x-forwarded-user": "admin",
+        "x-forwarded-email": "ceo@example.com", "x-auth-request-user": "admin", "x_tollgate_user": "admin",
+        "x-remote-user": "admin"})
+    assert r.status_code == 200, r.text
+    sent = set(r.headers["x-fake-header-names"].split(","))
+    assert not sent & {"x-forwarded-user", "x-forwarded-email", "x-auth-request-user", "x_tollgate_user",
+                       "x-tollgate-user", "x-remote-user"}, sent

@@ -44,6 +44,9 @@ def _bearer(value: str) -> str | None:
     return None
 
 
+_NO_SECRET = "0" * 64  # compared against when the client id is unknown, so both failures take as long
+
+
 def _sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
@@ -276,10 +279,11 @@ class Authenticator:
             raise AuthError(401, "malformed", f"service token is incomplete: the {missing} header is missing")
         digest = _sha256_hex(secret)
         entry = self._st_by_client_id.get(client_id)
-        if entry is None:
-            raise AuthError(401, "unknown_key", "service token client id is not recognised")
-        if not hmac.compare_digest(digest, entry.secret_sha256):
-            raise AuthError(401, "bad_secret", "service token secret does not match its client id")
+        # One answer, and the same work, for an unknown client id and a wrong secret: the error
+        # must not tell which client ids exist (issue 15, item 9).
+        stored = entry.secret_sha256 if entry is not None else _NO_SECRET
+        if not hmac.compare_digest(digest, stored) or entry is None:
+            raise AuthError(401, "bad_secret", "service token not recognised: unknown client id or wrong secret")
         return self._st_identity[entry.name]
 
     def _match_api_key(self, key: str) -> Identity | None:

@@ -72,7 +72,8 @@ async def test_service_token(make_auth):
 async def test_service_token_refusals(make_auth):
     auth = make_auth(config())
     await refused(auth, {"cf-access-client-id": "3f1c.access", "cf-access-client-secret": "wrong"}, "bad_secret", "secret")
-    await refused(auth, {"cf-access-client-id": "nope", "cf-access-client-secret": BOT_SECRET}, "unknown_key", "client id")
+    await refused(auth, {"cf-access-client-id": "nope", "cf-access-client-secret": BOT_SECRET}, "bad_secret",
+                  "unknown client id or wrong secret")  # the same answer: client ids cannot be enumerated
     await refused(auth, {"cf-access-client-id": "3f1c.access"}, "malformed", "cf-access-client-secret")
     await refused(auth, {"cf-access-client-secret": BOT_SECRET}, "malformed", "cf-access-client-id")
 
