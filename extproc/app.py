@@ -26,6 +26,7 @@ from .lifecycle.admitter import Admitter
 from .lifecycle.settler import drain
 from .metrics import Metrics
 from .processor import Processor
+from .usage import expired_stream_key
 
 
 log = logging.getLogger("tollgate.app")
@@ -65,7 +66,7 @@ class Gateway:
             except Exception as e:  # Redis down: the request path reports it; try again later
                 log.debug("expired-lease sweep failed: %s", e)
 
-    async def export_expired(self, key: str = "tollgate:attribution:expired", consumer: str = "",
+    async def export_expired(self, key: str = expired_stream_key(), consumer: str = "",
                              batch: int = 500) -> int:
         """Copy the records Redis wrote for leases that expired into a charge (stream
         `tollgate:attribution:expired`) to this process's sinks, so the record files hold them too.

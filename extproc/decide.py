@@ -59,7 +59,7 @@ def check(config: Config, api: Api, model: str, output_cap: int | None, attrs: A
 
     def advice_nusd(input_tokens: int) -> int:
         """Each advisor call reads the conversation (at most the request's input bound plus the
-        worker's output so far, bounded here by the input bound) and writes up to its cap."""
+        worker's whole output) and writes up to its cap."""
         return sum(uses * p.worst_case_nusd(input_tokens, min(cap, p.max_output_tokens)) for p, uses, cap in consulted)
 
     def cost_fn(m: str, input_tokens: int, output_tokens: int) -> int | None:

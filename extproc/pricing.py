@@ -156,17 +156,19 @@ class PriceTable:
         self._cache: dict[str, ModelPrice | None] = {}
         self._cache_day: date | None = None
 
-    def tool_fees_nusd(self, calls: dict[str, int]) -> int:
+    def _tools_usd_m(self, calls: Mapping[str, int]) -> Decimal:
+        """Per-call fees in the unit token costs are summed in (USD x 10^6 per million tokens)."""
+        return sum((n * self.tools.get(kind, Decimal(0)) * 1_000_000 for kind, n in calls.items()), Decimal(0))
+
+    def tool_fees_nusd(self, calls: Mapping[str, int]) -> int:
         """Per-call fees of server tool calls, rounded up."""
-        return _nusd(sum((n * self.tools.get(kind, Decimal(0)) * 1_000_000 for kind, n in calls.items()), Decimal(0)))
+        return _nusd(self._tools_usd_m(calls))
 
     def cost_nusd(self, price: ModelPrice, usage: Usage) -> int:
         """What the provider bills for `usage`: its tokens at `price`, per-call tool fees from the
         table, and usage billed at other models' rates at theirs (an unpriced one at `price`'s:
         never $0). One rounding, up, at the end."""
-        usd_m = price._usd_m(usage)
-        for kind, n in usage.tool_calls.items():
-            usd_m += n * self.tools.get(kind, Decimal(0)) * 1_000_000
+        usd_m = price._usd_m(usage) + self._tools_usd_m(usage.tool_calls)
         for model, u in usage.other_models:
             usd_m += (self.lookup(model) or price)._usd_m(u)
         return _nusd(usd_m)

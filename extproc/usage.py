@@ -87,11 +87,17 @@ def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: 
 
 def lease_meta(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound()) -> bytes:
     """What a lease keeps so that, if it expires unsettled (its gateway died), the charge of its
-    reservation is still rolled up under the request's identity and recorded (see common.lua)."""
-    day = datetime.fromisoformat(record["ts"]).astimezone(timezone.utc).date()
-    body = _open_object(record)
-    return "\n".join([usage_key(prefix, day), f"{prefix}{STREAM}", str(bound.maxlen(len(body))),
-                      str(bound.max_age_seconds * 1000), usage_tuple(record)]).encode() + b"\n" + body
+    reservation is still rolled up under the request's identity and recorded (see common.lua):
+    the same keys and stream bounds its settle would use."""
+    w = usage_write(record, prefix=prefix, bound=bound, rollup=False)
+    return "\n".join([w.usage_key, w.stream_key, str(w.stream_maxlen), str(w.stream_max_age_ms),
+                      usage_tuple(record)]).encode() + b"\n" + w.record_json
+
+
+def expired_stream_key(prefix: str = "tollgate:") -> str:
+    """The hand-off stream of records Redis writes for expired leases (common.lua appends
+    `:expired` to the attribution stream's key); the ext_procs drain it into their sinks."""
+    return f"{prefix}{STREAM}:expired"
 
 
 @dataclass

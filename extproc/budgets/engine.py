@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from .money import nusd_to_usd
 from .policy import Budget
 from .outbox import Outbox
 from .store import BudgetStore, CounterRef, CounterState, ReserveResult, StoreError, UsageWrite
-from .windows import KEY_GRACE_SECONDS, Calendar, Period, Window, window_for
+from .windows import KEY_GRACE_SECONDS, Calendar, Period, Rolling, Window, window_for
 
 log = logging.getLogger(__name__)
 
@@ -553,8 +552,10 @@ class BudgetEngine:
                 if not await redis.zrangebyscore(key, "-inf", repr(float(now)), start=0, num=1):
                     continue
                 counter = key[: -len(":leases")]
-                m = _ROLLING_KEY.match(counter[len(self._prefix):])
-                due.append(CounterRef(counter, None, int(m[2]), int(m[1]) // int(m[2])) if m else CounterRef(counter, 0.0))
+                # {prefix}b:{budget}:{period}:{per}; budget names hold no ':'
+                rolling = Rolling.from_key_part(counter[len(self._prefix) + 2:].split(":", 2)[1])
+                due.append(CounterRef(counter, None, rolling.bucket_seconds, rolling.n_buckets) if rolling
+                           else CounterRef(counter, 0.0))
                 if len(due) >= batch:
                     await self._store.read(due, now=self._script_now())
                     swept, due = swept + len(due), []
@@ -575,10 +576,6 @@ class BudgetEngine:
         states = await self._store.read([c.ref for c in counters], now=self._script_now())
         return [self._status(c, s, now, cost=0, held=False) for c, s in zip(counters, states)]
 
-
-
-_ROLLING_KEY = re.compile(r"b:[^:]+:r(\d+)s(\d+):")
-"""A rolling counter's key (after the prefix): its window and bucket seconds (windows.Rolling.key_part)."""
 
 
 def _int(v: object) -> int:

@@ -8,12 +8,15 @@ period lengths therefore follow DST (a Berlin day in late March is 23 h long).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
 
 from .policy import CalendarWindowSpec, RollingWindowSpec
+
+_KEY_PART = re.compile(r"r(\d+)s(\d+)")  # Rolling.key_part
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
@@ -93,6 +96,12 @@ class Rolling:
 
     def bucket_index(self, now: float) -> int:
         return math.floor(now / self.bucket_seconds)
+
+    @classmethod
+    def from_key_part(cls, part: str) -> "Rolling | None":
+        """The window a counter key's period part names (inverse of key_part), or None for a calendar one."""
+        m = _KEY_PART.fullmatch(part)
+        return cls(int(m[1]), int(m[2])) if m else None
 
     def key_part(self) -> str:
         """Part of the counter key; a changed window or bucket size starts a fresh counter instead of misreading old buckets."""

@@ -145,7 +145,6 @@ class Settler:
             self.gw.metrics.lifecycle(f"estimated_{m.estimate}")
         if m.overrun_nusd:
             self.gw.metrics.lifecycle("overrun")
-        self.record = record
         self._emit(record)
         return record
 

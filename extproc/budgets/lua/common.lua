@@ -84,19 +84,27 @@ local function append_record(skey, maxlen, age_ms, now, record)
   end
 end
 
+-- Roll an expiry's charge into (sign 1) or back out of (sign -1) the day's usage, from the lease's
+-- meta on its first counter; returns the meta's parts, or nil when this counter holds none.
+local function rollup_expiry(h, rid, sign, amount)
+  local meta = redis.call('HGET', h, 'm:' .. rid)
+  if not meta then return nil end
+  local m = split_meta(meta)
+  if m == nil then return nil end
+  redis.call('HINCRBY', m[1], 'requests|' .. m[5], sign)
+  redis.call('HINCRBY', m[1], 'cost_nusd|' .. m[5], I(sign * amount))
+  if redis.call('TTL', m[1]) < 0 then redis.call('EXPIRE', m[1], USAGE_TTL) end
+  return m
+end
+
 -- A lease expired without a settle (its gateway died or lost Redis): charge the reservation, as
 -- the provider may have served it, and record that, once, from the counter that holds its meta.
 local function expire_into_charge(h, c, rid, amount)
   add_spent(h, c, amount)
   redis.call('HSET', h, 'x:' .. rid, I(amount))
   redis.call('ZADD', c.z, c.now + TOMB_TTL, 'x:' .. rid)
-  local meta = redis.call('HGET', h, 'm:' .. rid)
-  if not meta then return end
-  local m = split_meta(meta)
+  local m = rollup_expiry(h, rid, 1, amount)
   if m == nil then return end
-  redis.call('HINCRBY', m[1], 'requests|' .. m[5], 1)
-  redis.call('HINCRBY', m[1], 'cost_nusd|' .. m[5], I(amount))
-  if redis.call('TTL', m[1]) < 0 then redis.call('EXPIRE', m[1], USAGE_TTL) end
   local record = m[6] .. ',"settlement":"lease_expired","end":"lease_expired",' ..
     '"estimate":"reservation","complete":false,"cost_nusd":' .. I(amount) .. ',"cost_usd":' .. usd(amount) .. '}'
   append_record(m[2], m[3], m[4], c.now, record)
@@ -169,10 +177,5 @@ end
 -- A lease that had expired into a charge is settled or released after all: take its expiry
 -- charge back out of the rollup (the counter's spend is corrected by the caller).
 local function unexpire_rollup(h, rid, amount)
-  local meta = redis.call('HGET', h, 'm:' .. rid)
-  if not meta then return end
-  local m = split_meta(meta)
-  if m == nil then return end
-  redis.call('HINCRBY', m[1], 'requests|' .. m[5], -1)
-  redis.call('HINCRBY', m[1], 'cost_nusd|' .. m[5], I(-amount))
+  rollup_expiry(h, rid, -1, amount)
 end
