@@ -8,6 +8,7 @@ two files is an error. Problems are reported all at once with file and line (`to
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 from dataclasses import dataclass
 from datetime import date
@@ -224,8 +225,9 @@ class Config:
     def gateway(self) -> GatewaySection:
         return self.doc.gateway
 
-    @property
+    @functools.cached_property
     def stream_bound(self) -> "StreamBound":
+        """Read on every settle: built once per loaded config."""
         from .usage import StreamBound
 
         g = self.doc.gateway
