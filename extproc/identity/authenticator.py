@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from .jwks import HttpJwksFetcher, JwksFetcher, JwksSource
+from .jwks import HttpJwksFetcher, JwksFetcher, JwksSource, KeyRef
 from .jwt_verify import IssuerVerifier, parse_jwt_header, unverified_payload
 from .model import AuthError, Identity
 from .policy import IdentityConfig, ServiceTokenEntry
@@ -150,9 +150,12 @@ class Authenticator:
         )
         self._how_to = self._describe_accepted()
 
-        # Verified JWTs: (issuer name, sha256(token)) -> (exp, identity). Dicts keep insertion
-        # order, so the first key is the oldest entry.
-        self._token_cache: dict[tuple[str, bytes], tuple[float, Identity]] = {}
+        # Verified JWTs: (issuer name, sha256(token)) -> (expires_at, identity, key). expires_at
+        # is min(exp, verified + token_cache_seconds); key is the JWKS key that verified it, and
+        # a hit counts only while the issuer's current key set still holds that key, so a key
+        # withdrawn from the JWKS revokes its tokens at the next refresh, not at their exp.
+        # Dicts keep insertion order, so the first key is the oldest entry.
+        self._token_cache: dict[tuple[str, bytes], tuple[float, Identity, KeyRef]] = {}
         self._token_cache_size = max(0, token_cache_size)
         self._cache_hits = 0
 
@@ -314,17 +317,22 @@ class Authenticator:
         ck = (verifier.name, hashlib.sha256(token.encode("utf-8")).digest())
         hit = self._token_cache.get(ck)
         if hit is not None:
-            exp, ident = hit
-            if self._clock() < exp:
+            expires_at, ident, key = hit
+            keys = verifier.source.cached_keyset()
+            if self._clock() < expires_at and keys is not None and key in keys.key_refs:
                 self._cache_hits += 1
                 return ident
+            # Expired, past its cache lifetime, or its key left the JWKS: verify in full, which
+            # refuses it with the ordinary error (expired, unknown_kid, signature, ...).
             del self._token_cache[ck]
 
-        ident, exp = await verifier.verify(token, jose)
-        if self._token_cache_size and self._clock() < exp:
+        ident, exp, key = await verifier.verify(token, jose)
+        now = self._clock()
+        expires_at = min(exp, now + verifier.cfg.token_cache_seconds)
+        if self._token_cache_size and now < expires_at:
             cache = self._token_cache
             cache.pop(ck, None)
-            cache[ck] = (exp, ident)
+            cache[ck] = (expires_at, ident, key)
             while len(cache) > self._token_cache_size:
                 del cache[next(iter(cache))]
         return ident

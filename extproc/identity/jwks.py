@@ -6,15 +6,20 @@
   `jwks_refresh_floor_seconds` (so garbage kids can't make us hammer the IdP).
 * Concurrent callers share one in-flight fetch.
 * Only asymmetric signing keys are kept: `kty: oct` (HMAC) keys and `use: enc` keys are dropped.
+* Every kept key has a `KeyRef` (kid + RFC 7638 thumbprint of its public material), so a cached
+  verification can be checked against the current key set in one set lookup: withdrawing a key
+  from the JWKS revokes the tokens it verified at the next refresh (issue 15, item 3).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 import orjson
@@ -108,6 +113,31 @@ def _fits(jwk_data: dict[str, Any], alg: str) -> bool:
     return declared is None or declared == alg
 
 
+# RFC 7638: the members of a public JWK that define the key, per kty.
+_THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "RSA": ("e", "kty", "n"),
+    "EC": ("crv", "kty", "x", "y"),
+    "OKP": ("crv", "kty", "x"),
+}
+
+
+class KeyRef(NamedTuple):
+    """Which JWKS key verified a token: its kid (None for a kid-less key) and the RFC 7638
+    thumbprint of its public material. The kid alone is not enough: an IdP that republishes a
+    kid with new material has withdrawn the old key."""
+
+    kid: str | None
+    thumbprint: str
+
+
+def jwk_thumbprint(jwk_data: dict[str, Any]) -> str:
+    """RFC 7638 JWK thumbprint (base64url sha256 of the canonical required members)."""
+    kty = jwk_data.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(kty if isinstance(kty, str) else "", ("kty",))
+    canonical = orjson.dumps({m: jwk_data.get(m) for m in members}, option=orjson.OPT_SORT_KEYS)
+    return base64.urlsafe_b64encode(hashlib.sha256(canonical).digest()).rstrip(b"=").decode()
+
+
 class KeySet:
     """One fetched JWKS. PyJWK objects are built per (key, alg) on first use, because PyJWT binds
     a PyJWK to one algorithm and a JWK without `alg` may serve e.g. both RS256 and PS256."""
@@ -136,6 +166,14 @@ class KeySet:
         if not self.by_kid and not self.kidless:
             raise JwksFetchError(f"{source}: JWKS has no usable signing keys")
         self._parsed: dict[tuple[int, str], jwt.PyJWK] = {}
+        # id(jwk dict) -> its KeyRef, and the set of them: what the verified-token cache checks
+        # on every hit, so it is built once per fetch rather than per request.
+        self._ref_of: dict[int, KeyRef] = {}
+        for kid, d in self.by_kid.items():
+            self._ref_of[id(d)] = KeyRef(kid, jwk_thumbprint(d))
+        for d in self.kidless:
+            self._ref_of[id(d)] = KeyRef(None, jwk_thumbprint(d))
+        self.key_refs: frozenset[KeyRef] = frozenset(self._ref_of.values())
 
     def __repr__(self) -> str:
         return f"KeySet(kids={sorted(self.by_kid)}, kidless={len(self.kidless)})"
@@ -143,8 +181,9 @@ class KeySet:
     def has_kid(self, kid: str) -> bool:
         return kid in self.by_kid
 
-    def candidates(self, kid: str | None, alg: str, issuer_name: str) -> list[jwt.PyJWK]:
-        """Keys that may have signed a token with this kid/alg. Caller checks has_kid first."""
+    def candidates(self, kid: str | None, alg: str, issuer_name: str) -> list[tuple[jwt.PyJWK, KeyRef]]:
+        """Keys that may have signed a token with this kid/alg, each with its KeyRef (so the
+        caller can record which one verified). Caller checks has_kid first."""
         if kid is not None:
             data = self.by_kid[kid]
             if not _fits(data, alg):
@@ -163,7 +202,7 @@ class KeySet:
             pk = self._parsed.get(ck)
             if pk is None:
                 pk = self._parsed[ck] = jwt.PyJWK(d, algorithm=alg)
-            out.append(pk)
+            out.append((pk, self._ref_of[id(d)]))
         return out
 
 
@@ -247,6 +286,20 @@ class JwksSource:
             f"can't verify tokens of issuer {self.issuer_name!r}: its signing keys are unavailable",
         )
 
+    def _stale(self, now: float) -> bool:
+        return now - self._loaded_at >= self._cache_seconds and now - self._last_attempt >= min(
+            self._floor_seconds, self._cache_seconds
+        )
+
+    def cached_keyset(self) -> KeySet | None:
+        """The key set as it stands, for a verified-token cache hit: no await, so the hit stays a
+        dict lookup plus a set membership test. Starts the same background refresh `current()`
+        would when the keys are stale; without that, a gateway whose callers all hold cached
+        tokens would never refetch the JWKS and so never notice a withdrawn key."""
+        if self.keyset is not None and self._stale(self._clock()):
+            self._start_refresh()
+        return self.keyset
+
     async def current(self) -> KeySet:
         """The key set to verify with; fetches on first use, refreshes in the background when stale."""
         now = self._clock()
@@ -258,9 +311,7 @@ class JwksSource:
             if self.keyset is None:
                 raise self._unavailable()
             return self.keyset
-        if now - self._loaded_at >= self._cache_seconds and now - self._last_attempt >= min(
-            self._floor_seconds, self._cache_seconds
-        ):
+        if self._stale(now):
             self._start_refresh()  # stale-while-revalidate
         return self.keyset
 

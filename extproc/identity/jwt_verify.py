@@ -7,12 +7,12 @@ import binascii
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import jwt
 import orjson
 
-from .jwks import JwksSource
+from .jwks import JwksSource, KeyRef
 from .model import AuthError, Identity
 from .policy import CORE_ATTRIBUTES, JwtIssuerConfig, ServiceTokenEntry
 
@@ -33,6 +33,15 @@ _DECODE_OPTIONS: dict[str, Any] = {
 }
 
 _MISSING = object()
+
+
+class Verified(NamedTuple):
+    """A verified token: who it is, its exp, and which JWKS key verified it. The key is what
+    lets a cached verification be revoked when the issuer withdraws that key."""
+
+    identity: Identity
+    exp: float
+    key: KeyRef
 
 
 def _b64url_json(segment: str) -> Any:
@@ -132,8 +141,9 @@ class IssuerVerifier:
     def _fail(self, check: str, what: str, status: int = 401) -> AuthError:
         return AuthError(status, check, f"{what} (issuer {self.name!r})")
 
-    async def verify(self, token: str, header: dict[str, Any]) -> tuple[Identity, float]:
-        """Verify `token` (whose unverified JOSE header is `header`); return the identity and exp."""
+    async def verify(self, token: str, header: dict[str, Any]) -> Verified:
+        """Verify `token` (whose unverified JOSE header is `header`); return the identity, exp and
+        the key that verified it."""
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.cfg.algorithms:
             shown = f" {alg!r}" if isinstance(alg, str) and _SHOWABLE_ALG.match(alg) else ""
@@ -156,7 +166,8 @@ class IssuerVerifier:
             raise self._fail("unknown_kid", f"token has no kid and no key in the JWKS fits {alg}")
 
         payload: dict[str, Any] | None = None
-        for i, key in enumerate(candidates):
+        used: KeyRef | None = None
+        for i, (key, ref) in enumerate(candidates):
             try:
                 payload = _PYJWT.decode(
                     token,
@@ -166,13 +177,14 @@ class IssuerVerifier:
                     issuer=self.cfg.issuers,
                     options=_DECODE_OPTIONS,  # type: ignore[arg-type]
                 )
+                used = ref
                 break
             except jwt.InvalidSignatureError:
                 if i == len(candidates) - 1:
                     raise self._fail("signature", "token signature does not verify") from None
             except jwt.PyJWTError as e:
                 raise self._map(e) from None
-        assert payload is not None
+        assert payload is not None and used is not None
         self.verified += 1
 
         now = self._clock()
@@ -189,7 +201,7 @@ class IssuerVerifier:
         if iat is not None and iat > now + leeway:
             raise self._fail("not_yet_valid", "token was issued in the future (iat)")
 
-        return self._identity(payload), exp
+        return Verified(self._identity(payload), exp, used)
 
     def _map(self, e: jwt.PyJWTError) -> AuthError:
         if isinstance(e, jwt.InvalidAlgorithmError):

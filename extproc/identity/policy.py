@@ -98,6 +98,10 @@ class JwtIssuerConfig(_Model):
     leeway_seconds: Annotated[float, Field(ge=0, le=600)] = 30
     jwks_refresh_floor_seconds: Annotated[float, Field(ge=0)] = 60
     jwks_cache_seconds: Annotated[float, Field(gt=0)] = 3600
+    # How long a verified token is served from the cache at most (never past its exp). A cached
+    # token is also dropped as soon as a JWKS refresh no longer holds the key that verified it;
+    # this bound covers what that can't see (e.g. an IdP that can't be reached). 0: no caching.
+    token_cache_seconds: Annotated[float, Field(ge=0)] = 300
     claims: dict[str, str] = {"user": "sub", "email": "email"}
     service_token_claim: str | None = None
 
