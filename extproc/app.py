@@ -23,6 +23,7 @@ from .budgets.outbox import Outbox
 from .config import Config
 from .identity import Authenticator
 from .lifecycle.admitter import Admitter
+from .lifecycle.concurrency import ConcurrencyCap
 from .lifecycle.settler import drain
 from .metrics import Metrics
 from .processor import Processor
@@ -46,6 +47,8 @@ class Gateway:
     metrics: Metrics = field(default_factory=Metrics)
     metrics_server: Any = None
     outbox: Outbox | None = None
+    state_dir: Path | None = None  # `serve --state-dir`: the admin API writes its access log there
+    concurrency: ConcurrencyCap = field(default_factory=ConcurrencyCap)  # in-flight requests per identity
 
     def __post_init__(self) -> None:
         self.refresh_keys()
@@ -179,8 +182,10 @@ def redis_client(url: str, config: Config) -> aioredis.Redis:
 
 
 async def build_gateway(config: Config, *, redis_url: str | None, outbox_path: Path | None = None,
-                        sink: Sink | None = None) -> Gateway:
+                        sink: Sink | None = None, state_dir: Path | None = None) -> Gateway:
     redis = redis_client(redis_url, config) if redis_url else None
     outbox = Outbox(outbox_path) if (outbox_path is not None and redis is not None) else None
+    if state_dir is None and outbox_path is not None:
+        state_dir = outbox_path.parent  # the outbox lives in the state dir (`serve --state-dir`)
     return Gateway(config=config, sink=sink or stdout_sink(), auth=Authenticator(config.doc.identity), redis=redis,
-                   outbox=outbox)
+                   outbox=outbox, state_dir=state_dir)

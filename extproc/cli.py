@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_PORT", "50051")))
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
     p.add_argument("--state-dir", default=os.environ.get("TOLLGATE_STATE_DIR", ".run/state"),
-                   help="local state that must survive a restart: the settle outbox (outbox.sqlite) and "
-                        "the attribution record files (attribution/)")
+                   help="local state that must survive a restart: the settle outbox (outbox.sqlite), "
+                        "the attribution record files (attribution/) and the admin access log "
+                        "(admin-access.jsonl)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TOLLGATE_METRICS_PORT", "9464")),
                    help="Prometheus /metrics on loopback (0 = off)")
     p.add_argument("--admin-port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_ADMIN_PORT", "50052")),
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--extproc-admin-port", type=int, action="append",
                    help="the ext_proc admin gRPC port(s), one per --extproc-port (default 50052)")
     p.add_argument("--access-log", default="/dev/stdout")
+    p.add_argument("--admin-access-log", default="/dev/stdout", help="Envoy's access log of the admin API listener")
     p.set_defaults(func=_envoy_config)
 
     p = sub.add_parser("report", help="spend and tokens by user, team, model, ... over a date range (reads Redis)")
@@ -159,7 +161,7 @@ def _serve(args: argparse.Namespace) -> None:
         # Records outlive the bounded Redis stream in rotated JSON-lines files, one writer per process.
         files = RotatingJsonlSink(state / "attribution", name=f"extproc-{args.port}")
         gw = await build_gateway(config, redis_url=args.redis_url, outbox_path=state / "outbox.sqlite",
-                                 sink=tee(stdout_sink(), files))
+                                 sink=tee(stdout_sink(), files), state_dir=state)
         loop = asyncio.get_running_loop()
         replay = loop.create_task(gw.replay_outbox())
         sweep = loop.create_task(gw.sweep_leases())
@@ -251,7 +253,7 @@ def _envoy_config(args: argparse.Namespace) -> None:
     config = _load(args.policies)
     ports = EnvoyPorts(listen=args.listen_port, admin=args.admin_port, extproc=args.extproc_port or [50051],
                        admin_api=args.admin_api_port, extproc_admin=args.extproc_admin_port or [50052],
-                       access_log=args.access_log)
+                       access_log=args.access_log, admin_access_log=args.admin_access_log)
     sys.stdout.write(yaml.safe_dump(render(config, ports), sort_keys=False))
 
 
@@ -294,6 +296,7 @@ def _run(args: argparse.Namespace) -> None:
             f"  envoy admin:     http://127.0.0.1:{stack.ports.admin}\n"
             f"  admin API:       http://127.0.0.1:{stack.ports.admin_api}/admin/v1/budgets (JSON; see README)\n"
             f"  access log:      {stack.access_log}\n"
+            f"  admin API logs:  {stack.envoy_admin_access_log} (Envoy), {stack.admin_access_log} (who read what)\n"
             f"Attribution records follow, one JSON line per request. Ctrl-C stops everything.\n"
         )
         supervisor = supervise(stack)

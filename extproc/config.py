@@ -161,9 +161,26 @@ class BoundsSection(_Strict):
                                            "may bill (Responses API)")
 
 
+class LimitsSection(_Strict):
+    """What one client may hold (docs/operations.md, "Limits"): rendered into Envoy's listener and
+    clusters, and the per-identity cap the ext_proc enforces when a request's headers arrive."""
+
+    concurrent_requests_per_identity: int = Field(
+        default=256, ge=0, description="requests one identity may have in flight on one ext_proc process, "
+                                      "streams included; the next is answered 429 with Retry-After (0: no cap)")
+    max_concurrent_requests: int = Field(
+        default=4096, gt=0, description="Envoy's circuit breakers on the ext_proc and provider clusters: "
+                                        "requests in flight through the gateway as a whole")
+    request_headers_timeout_seconds: float = Field(
+        default=10, gt=0, description="a client must send its request headers within this")
+    request_receive_timeout_seconds: float = Field(
+        default=60, gt=0, description="a client must send its whole request (headers and body) within this")
+
+
 class GatewaySection(_Strict):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     bounds: BoundsSection = BoundsSection()
+    limits: LimitsSection = LimitsSection()
     request_timeout_seconds: float = Field(default=600, gt=0, description="longest an LLM request may run")
     lease_grace_seconds: float = Field(
         default=60, gt=0, description="a reservation's lease outlives the request timeout by this much; a lease "

@@ -27,6 +27,7 @@ class EnvoyPorts:
     extproc: list[int] = field(default_factory=lambda: [50051])
     listen_address: str = "127.0.0.1"
     access_log: str = "/dev/stdout"
+    admin_access_log: str = "/dev/stdout"  # Envoy's access log of the admin API listener
     buffer_limit_bytes: int = 32 * 1024 * 1024
     admin_api: int = 8081  # Envoy's admin API listener (JSON over HTTP)
     admin_api_address: str = "127.0.0.1"
@@ -48,7 +49,10 @@ def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict
         LISTEN_PORT=ports.listen,
         LISTEN_ADDRESS=ports.listen_address,
         ACCESS_LOG_PATH=ports.access_log,
+        ADMIN_ACCESS_LOG_PATH=ports.admin_access_log,
         BUFFER_LIMIT_BYTES=max(ports.buffer_limit_bytes, config.gateway.max_request_bytes * 2),
+        REQUEST_HEADERS_TIMEOUT=_seconds(config.gateway.limits.request_headers_timeout_seconds),
+        REQUEST_RECEIVE_TIMEOUT=_seconds(config.gateway.limits.request_receive_timeout_seconds),
     )
     boot = yaml.safe_load(text)
     res = boot["static_resources"]
@@ -57,17 +61,33 @@ def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict
     admin = next(c for c in res["clusters"] if c["name"] == "tollgate_admin")
     admin["load_assignment"]["endpoints"][0]["lb_endpoints"] = [_endpoint("127.0.0.1", p) for p in ports.extproc_admin]
     vhost = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
-    timeout = f"{config.gateway.request_timeout_seconds:.3f}s"  # Envoy reads "0s" as no timeout at all
+    timeout = _seconds(config.gateway.request_timeout_seconds)
     routes = [_route(name, p, timeout) for name, p in config.providers.items()]
     vhost["routes"] = routes + vhost["routes"]
-    res["clusters"] += [_cluster(name, p) for name, p in config.providers.items()]
+    breakers = _circuit_breakers(config.gateway.limits.max_concurrent_requests)
+    extproc["circuit_breakers"] = breakers
+    res["clusters"] += [{**_cluster(name, p), "circuit_breakers": breakers} for name, p in config.providers.items()]
     return boot
+
+
+def _circuit_breakers(limit: int) -> dict[str, Any]:
+    """Envoy's defaults (1,024 connections, pending and concurrent requests per cluster) would fail
+    every client with a 500 or 503 once 1,024 requests are in flight, however they are spread; the
+    policy's gateway.limits.max_concurrent_requests says how many the gateway serves, and the
+    per-identity cap keeps one client from taking them all."""
+    return {"thresholds": [{"priority": "DEFAULT", "max_connections": limit, "max_pending_requests": limit,
+                            "max_requests": limit, "max_retries": 3}]}
 
 
 def write(config: Config, ports: EnvoyPorts, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(render(config, ports), sort_keys=False))
     return out
+
+
+def _seconds(s: float) -> str:
+    """A duration for Envoy (whose "0s" would mean no timeout at all; the policy allows none)."""
+    return f"{s:.3f}s"
 
 
 def cluster_name(provider: str) -> str:

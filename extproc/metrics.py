@@ -81,10 +81,11 @@ class Metrics:
         self._requests = Counter("tollgate_requests", "Requests by decision, API, provider and status class.",
                                  ("decision", "api", "provider", "status_class"), registry=r)
         spend_labels = ("team", "model", "provider") + (("user",) if per_user else ())
-        self._spend = Counter("tollgate_spend_usd", "Settled spend in USD, by team, served model and provider.",
+        self._spend = Counter("tollgate_spend_usd", "Settled spend in USD, by team, model (the price-table "
+                              "entry that priced it: a model name or a glob) and provider.",
                               spend_labels, registry=r)
         self._tokens = Counter("tollgate_tokens", "Tokens by kind (input, cached_input, cache_write, output), "
-                               "served model and provider.", ("kind", "model", "provider"), registry=r)
+                               "model (price-table entry) and provider.", ("kind", "model", "provider"), registry=r)
         self._duration = Histogram("tollgate_request_duration_seconds", "Whole-request latency seen by the ext_proc.",
                                    buckets=REQUEST_BUCKETS, registry=r)
         self._incomplete = Counter("tollgate_incomplete_responses", "Responses cut short (usage not fully known).",
@@ -124,7 +125,9 @@ class Metrics:
             child = self._c_requests[key] = self._requests.labels(*key)
         child.inc()
 
-        model = _label(get("model_served"))
+        # The price-table entry, not the served name: a glob prices any name a client sends, and
+        # each would be a new series (50 names: +150 series before this).
+        model = _label(get("priced_as"))
 
         cost = _num(get("cost_nusd"))
         if cost > 0:

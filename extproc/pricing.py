@@ -153,7 +153,7 @@ class PriceTable:
         self.default = default
         self.tools = dict(tools or {})  # USD per call, by tool kind
         self._clock = clock
-        self._cache: dict[str, ModelPrice | None] = {}
+        self._cache: dict[str, tuple[str | None, ModelPrice | None]] = {}
         self._cache_day: date | None = None
 
     def _tools_usd_m(self, calls: Mapping[str, int]) -> Decimal:
@@ -183,6 +183,14 @@ class PriceTable:
     def lookup(self, model: str, at: date | None = None) -> ModelPrice | None:
         """The rates of `model` in force on `at` (default: today, UTC). A name whose rates are
         all out of force (not yet effective, or expired) has none that day: the next match is used."""
+        return self._match(model, at)[1]
+
+    def entry_name(self, model: str) -> str | None:
+        """The table entry that prices `model` today: its own name, the glob that matched it, or
+        "default". Metrics label by this, so client-chosen names a glob prices add no series."""
+        return self._match(model, None)[0]
+
+    def _match(self, model: str, at: date | None) -> tuple[str | None, ModelPrice | None]:
         if at is not None:
             return self._find(model, at)
         today = datetime.fromtimestamp(self._clock(), timezone.utc).date()
@@ -192,18 +200,20 @@ class PriceTable:
             return self._cache[model]
         except KeyError:
             pass
-        price = self._find(model, today)
+        found = self._find(model, today)
         if len(self._cache) < 10_000:
-            self._cache[model] = price
-        return price
+            self._cache[model] = found
+        return found
 
-    def _find(self, model: str, day: date) -> ModelPrice | None:
+    def _find(self, model: str, day: date) -> tuple[str | None, ModelPrice | None]:
         candidates = self._exact.get(model)
-        for rates in ([candidates] if candidates else []) + [v for pat, v in self._globs if fnmatch.fnmatchcase(model, pat)]:
+        entries = ([(model, candidates)] if candidates else []) + [
+            (pat, v) for pat, v in self._globs if fnmatch.fnmatchcase(model, pat)]
+        for name, rates in entries:
             price = next((p for p in rates if p.in_force(day)), None)
             if price is not None:
-                return price
-        return self.default
+                return name, price
+        return ("default", self.default) if self.default is not None else (None, None)
 
     def entries(self, at: date) -> list[tuple[str, ModelPrice]]:
         """Every name and glob with the rates in force on `at`, in table order (exact names first)."""

@@ -21,6 +21,7 @@ from . import messages as msg
 from .budgets import replies as budget_replies
 from .errors import GatewayError, bad_request
 from .identity import AuthError
+from .lifecycle.concurrency import Slot
 from .lifecycle.context import RequestContext, State
 from .lifecycle.meters import JsonMeter, SseMeter
 from .lifecycle.settler import Settler
@@ -39,6 +40,9 @@ _IDENTITY_LOOKALIKES = frozenset({"x-forwarded-user", "x-forwarded-email", "x-fo
                                   "remote-user", "x-user", "x-email"})
 UPSTREAM_HEADER = "x-tollgate-upstream"
 METADATA_HEADER = "x-tollgate-metadata"  # custom attributes, from trusted identities only
+# Envoy moves a client's x-request-id here before generating its own (envoy/tollgate.yaml); like
+# every x-tollgate-* header it is stripped before the request leaves.
+CLIENT_REQUEST_ID_HEADER = "x-tollgate-client-request-id"
 GATEWAY_ERROR_HEADER = "x-tollgate-gateway-error"  # set by Envoy's local reply mappers (envoy/tollgate.yaml)
 # Attributes a metadata header can never set: they come from verified identity or the request.
 _PROTECTED_ATTRS = frozenset({"user", "email", "groups", "team", "app", "service_token", "source", "model", "provider"})
@@ -52,6 +56,7 @@ class Processor:
         self.ctx = RequestContext(gw.config)
         self.settler = Settler(gw, self.ctx)
         self._client_keys: dict[str, str] = {}  # provider-key headers the client sent that are not its credential
+        self._slot: Slot | None = None  # this request's place under its identity's concurrency cap
 
     @property
     def request_id(self) -> str:
@@ -62,6 +67,7 @@ class Processor:
         ctx = self.ctx
         headers = _headers(h)
         ctx.envoy_request_id = headers.get("x-request-id", "")
+        ctx.client_request_id = headers.get(CLIENT_REQUEST_ID_HEADER, "")
         ctx.path = headers.get(":path", "")
         method = headers.get(":method", "")
         bare_path = ctx.path.split("?", 1)[0]
@@ -71,6 +77,7 @@ class Processor:
                 ctx.identity = await self.gw.auth.authenticate(headers)
             except AuthError as e:
                 raise GatewayError(e.status, e.message, type="authentication_error", code=e.check) from None
+            self._slot = self.gw.concurrency.acquire(ctx.identity, ctx.config.gateway.limits.concurrent_requests_per_identity)
             ctx.metadata = self._trusted_metadata(headers.get(METADATA_HEADER))
             if bare_path == "/v1/models" and method == "GET":
                 return self._models_reply()
@@ -278,7 +285,11 @@ class Processor:
         (flags DC vs UPE, details downstream_remote_disconnect vs upstream_reset_...) says which,
         joined on request_id.
         """
-        await self.settler.close()
+        try:
+            await self.settler.close()
+        finally:
+            if self._slot is not None:
+                self._slot.release()
 
     # ---- refusals --------------------------------------------------------------------
     async def _refuse(self, err: GatewayError) -> ProcessingResponse:
@@ -316,9 +327,10 @@ class Processor:
 
     def _request_meta(self) -> dict[str, Any]:
         ctx, i = self.ctx, self.ctx.identity
+        ids = {"request_id": ctx.request_id, "client_request_id": ctx.client_request_id or None}
         if i is None:
-            return {"request_id": ctx.request_id}
-        return {"request_id": ctx.request_id, "user": i.user, "email": i.email, "groups": ",".join(i.groups),
+            return ids
+        return {**ids, "user": i.user, "email": i.email, "groups": ",".join(i.groups),
                 "team": i.team, "app": i.app, "service_token": i.service_token, "auth_source": i.source}
 
 

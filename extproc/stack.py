@@ -121,6 +121,16 @@ class Stack:
     def attribution_log(self) -> Path:
         return self.run_dir / "extproc.log"
 
+    @property
+    def envoy_admin_access_log(self) -> Path:
+        """Envoy's access log of the admin API listener (every call as Envoy saw it)."""
+        return self.run_dir / "envoy-admin-access.log"
+
+    @property
+    def admin_access_log(self) -> Path:
+        """The admin API's access log (extproc/admin/access_log.py), shared by the ext_procs."""
+        return self.run_dir / "state" / "admin-access.jsonl"
+
     def env(self) -> dict[str, str]:
         # The fake provider's gateway-held key (policies/providers.yaml reads TOLLGATE_FAKE_KEY):
         # a local one unless the caller set its own, so the demo never runs key-less.
@@ -161,6 +171,7 @@ class Stack:
                 extprocs.append(self._add(p, inherit=self.extproc_stdout_to_terminal))
             envoy_yaml = write(config, EnvoyPorts(listen=self.ports.listen, admin=self.ports.admin,
                                                   extproc=self.ports.extproc, access_log=str(self.access_log),
+                                                  admin_access_log=str(self.envoy_admin_access_log),
                                                   admin_api=self.ports.admin_api,
                                                   extproc_admin=self.ports.extproc_admin),
                                self.run_dir / "envoy.yaml")

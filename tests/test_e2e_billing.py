@@ -75,7 +75,7 @@ CASES = [
 def _send(stack, case: Case, stream: bool) -> tuple[httpx.Response, str, bytes]:
     """Send one case; a stream the provider cuts ends in a protocol error, which is kept as the end."""
     rid = uuid.uuid4().hex
-    headers = {"authorization": "Bearer key-budget", "content-type": "application/json", "x-request-id": rid,
+    headers = {"authorization": "Bearer key-budget", "content-type": "application/json",
                "x-tollgate-metadata": json.dumps({"suite": "lifecycle", "run": f"billing-{rid}"}), **case.hooks}
     body = {**case.body, "stream": True} if stream else case.body
     raw = b""
@@ -88,6 +88,13 @@ def _send(stack, case: Case, stream: bool) -> tuple[httpx.Response, str, bytes]:
     return r, rid, raw
 
 
+def _ledger_entry(stack, attribution: JsonLog, r: httpx.Response) -> tuple[dict, dict]:
+    """The request's record, and the fake's ledger entry for it (joined on Envoy's request id)."""
+    rec = attribution.get(r.headers["x-tollgate-request-id"])
+    (entry,) = fake_ledger(stack.ports.fake, request_id=rec["envoy_request_id"])
+    return rec, entry
+
+
 @pytest.mark.parametrize("stream", [False, True, 7, 61], ids=["json", "sse", "sse-split-7", "sse-split-61"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_charged_exactly_what_the_provider_billed(stack, attribution: JsonLog, case: Case, stream: bool | int) -> None:
@@ -97,10 +104,9 @@ def test_charged_exactly_what_the_provider_billed(stack, attribution: JsonLog, c
         pytest.skip("max_tokens 0 is a cache warm-up; nothing to stream")
     if not isinstance(stream, bool):
         case = Case(case.name, case.path, case.body, {**case.hooks, "x-fake-chunk-bytes": str(stream)}, case.billed_kinds)
-    r, rid, raw = _send(stack, case, bool(stream))
+    r, _, raw = _send(stack, case, bool(stream))
     assert r.status_code == 200, raw[:400]
-    rec = attribution.get(r.headers["x-tollgate-request-id"])
-    (entry,) = fake_ledger(stack.ports.fake, request_id=rid)
+    rec, entry = _ledger_entry(stack, attribution, r)
     for kind in case.billed_kinds:
         assert entry[kind], f"the fake billed no {kind}: {entry}"
     expected = Prices().ledger_cost(entry)
@@ -117,10 +123,9 @@ def test_charged_exactly_what_the_provider_billed(stack, attribution: JsonLog, c
 def test_failed_stream_with_null_usage_costs_nothing(stack, attribution: JsonLog) -> None:
     case = Case("failed", RESPONSES, {"model": "gpt-4o", "max_output_tokens": 40, "input": "x " * 4000},
                 {"x-fake-stream-error-after": "3"})
-    r, rid, raw = _send(stack, case, stream=True)
+    r, _, raw = _send(stack, case, stream=True)
     assert r.status_code == 200 and b"response.failed" in raw
-    rec = attribution.get(r.headers["x-tollgate-request-id"])
-    (entry,) = fake_ledger(stack.ports.fake, request_id=rid)
+    rec, entry = _ledger_entry(stack, attribution, r)
     assert Prices().ledger_cost(entry) == 0  # the provider billed nothing
     assert rec["cost_nusd"] == 0 and rec["usage_source"] == "provider", rec
 
@@ -130,10 +135,9 @@ def test_reasoning_stream_cut_before_its_usage_is_charged_at_least_what_was_bill
     case = Case("cut", CHAT, {"model": "o3", "max_completion_tokens": 300, "messages": PROMPT},
                 {"x-fake-reasoning-tokens": "200", "x-fake-cut-after": "10", "x-fake-output-tokens": "40",
                  "x-fake-token-latency-ms": "5"})
-    r, rid, _ = _send(stack, case, stream=True)
+    r, _, _ = _send(stack, case, stream=True)
     assert r.status_code == 200, r.status_code
-    rec = attribution.get(r.headers["x-tollgate-request-id"])
-    (entry,) = fake_ledger(stack.ports.fake, request_id=rid)
+    rec, entry = _ledger_entry(stack, attribution, r)
     assert rec["estimate"] == "reservation" and rec["usage_source"] == "estimate:reservation", rec
     assert rec["cost_nusd"] >= Prices().ledger_cost(entry) > 0
 
@@ -160,9 +164,8 @@ def test_provider_refusals_reach_the_client_in_its_shape_and_cost_nothing(stack,
                                                                           status, check) -> None:
     """The fake refuses what the real APIs refuse, with their status and error shape; Tollgate
     passes the refusal through, releases the reservation and charges nothing."""
-    r, rid, raw = _send(stack, Case("refusal", path, body), stream=False)
+    r, _, raw = _send(stack, Case("refusal", path, body), stream=False)
     assert r.status_code == status and check(json.loads(raw)), raw[:300]
-    rec = attribution.get(r.headers["x-tollgate-request-id"])
+    rec, entry = _ledger_entry(stack, attribution, r)
     assert rec["cost_nusd"] == 0 and rec["status"] == status and rec["settlement"] == "settled", rec
-    (entry,) = fake_ledger(stack.ports.fake, request_id=rid)
     assert entry["status"] == status and Prices().ledger_cost(entry) == 0

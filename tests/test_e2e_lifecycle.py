@@ -67,6 +67,9 @@ def lc(policy_dir: Path, idp, tmp_path_factory) -> Stack:
     gw = doc.setdefault("gateway", {})
     gw["request_timeout_seconds"] = ROUTE_TIMEOUT_S
     gw["lease_grace_seconds"] = LEASE_GRACE_S
+    # One key drives 256 concurrent clients here (the Redis pool's test); the per-identity cap
+    # has its own tests (test_e2e_limits.py).
+    gw["limits"] = {"concurrent_requests_per_identity": 0}
     (pol / "gateway.yaml").write_text(yaml.safe_dump(doc))
     with running_stack(pol, idp, tmp_path_factory.mktemp("lifecycle")) as s:
         yield s

@@ -35,6 +35,9 @@ def test_lookup_exact_then_glob_then_default():
     assert t.lookup("gpt") is None
     assert PriceTable({}, default=d).lookup("anything") is d
     assert t.names() == ["claude-x-1"]
+    assert [t.entry_name(m) for m in ("claude-x-1", "claude-x-2025", "claude-y", "gpt")] == [
+        "claude-x-1", "claude-x-*", "claude-*", None]
+    assert PriceTable({}, default=d).entry_name("anything") == "default"
 
 
 def test_dated_rates_price_a_request_at_those_in_force_that_day() -> None:

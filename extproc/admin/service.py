@@ -10,6 +10,8 @@ service tokens work here. Authorization:
 * a caller may always read its own budget status and dry-run its own requests.
 
 Nothing here reserves, settles or writes a budget counter: status and dry runs only read.
+Every call, granted or refused, leaves one line in the admin access log (`access_log.py`,
+`<state dir>/admin-access.jsonl`, docs/admin-api.md): who called, whose data it read, the outcome.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ from ..budgets import replies as budget_replies
 from ..errors import GatewayError
 from ..identity import AuthError, Identity
 from ..providers import api_for_path
+from .access_log import AdminAccessLog, logged, note_caller, note_subject
 from .build import ensure_generated
 
 ensure_generated()  # a fresh clone: compile the proto on first import
@@ -113,9 +116,50 @@ def consistent(given: Mapping[str, str | list[str]], caller: Mapping[str, str | 
     return True
 
 
+# ---- what the access log records of each call (extproc/admin/access_log.py) ------------------
+
+def _selector(request: Any) -> dict[str, str | list[str]] | None:
+    return selector_attrs(request.identity) if request.HasField("identity") else None
+
+
+def usage_read(r: pb.GetUsageRequest) -> dict[str, Any]:
+    return {"group_by": list(r.group_by), "from": getattr(r, "from") or None, "to": r.to or None,
+            "where": dict(r.where)}
+
+
+def usage_returned(r: pb.GetUsageResponse) -> dict[str, Any]:
+    return {"rows": len(r.rows), "from": getattr(r, "from"), "to": r.to}
+
+
+def status_read(r: pb.GetBudgetStatusRequest) -> dict[str, Any]:
+    return {"identity": _selector(r)}
+
+
+def status_returned(r: pb.GetBudgetStatusResponse) -> dict[str, Any]:
+    return {"budgets": [b.name for b in r.budgets]}
+
+
+def dry_run_read(r: pb.DryRunRequest) -> dict[str, Any]:
+    return {"identity": _selector(r), "model": r.model, "path": r.path or DEFAULT_PATH,
+            "max_output_tokens": r.max_output_tokens, "input_bytes": r.input_bytes, "input_tokens": r.input_tokens,
+            "stream": r.stream}
+
+
+def dry_run_returned(r: pb.DryRunResponse) -> dict[str, Any]:
+    return {"decision": r.decision, "model_served": r.model_served or None}
+
+
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, gw: "Gateway") -> None:
+    """Every method is wrapped by `logged`: one admin access log record per call."""
+
+    def __init__(self, gw: "Gateway", access_log: AdminAccessLog | None = None) -> None:
         self.gw = gw
+        # <state dir>/admin-access.jsonl; a gateway without a state dir logs the records instead
+        self.access_log = access_log or AdminAccessLog.in_state_dir(gw.state_dir)
+
+    @property
+    def clock(self) -> Callable[[], float]:  # the access log's timestamps
+        return self.gw.clock
 
     # ---- auth -----------------------------------------------------------------------------
 
@@ -126,11 +170,13 @@ class AdminService(pb_grpc.AdminServicer):
                 continue
             headers[key.lower()] = value
         try:
-            return await self.gw.auth.authenticate(headers)
+            who = await self.gw.auth.authenticate(headers)
         except AuthError as e:
             code = grpc.StatusCode.UNAVAILABLE if e.status >= 500 else grpc.StatusCode.UNAUTHENTICATED
             await context.abort(code, f"{e.check}: {e.message}")
             raise  # unreachable: abort raises
+        note_caller(who, self.is_admin(who))
+        return who
 
     def is_admin(self, who: Identity) -> bool:
         attrs = who.attrs()
@@ -142,7 +188,9 @@ class AdminService(pb_grpc.AdminServicer):
         mine = who.attrs()
         given = selector_attrs(sel) if sel is not None else {}
         if not given or consistent(given, mine):
+            note_subject(mine, True)
             return mine
+        note_subject(given, False)  # logged as asked for, granted or not
         if not self.is_admin(who):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 f"{what} for another identity needs the admin policy rule; "
@@ -155,6 +203,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     # ---- GetUsage -------------------------------------------------------------------------
 
+    @logged(usage_read, usage_returned)
     async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
         who = await self._caller(context)
         if not self.is_admin(who):
@@ -215,6 +264,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     # ---- GetBudgetStatus ------------------------------------------------------------------
 
+    @logged(status_read, status_returned)
     async def GetBudgetStatus(self, request: pb.GetBudgetStatusRequest,
                               context: grpc.aio.ServicerContext) -> pb.GetBudgetStatusResponse:
         who = await self._caller(context)
@@ -231,6 +281,7 @@ class AdminService(pb_grpc.AdminServicer):
 
     # ---- DryRun ---------------------------------------------------------------------------
 
+    @logged(dry_run_read, dry_run_returned)
     async def DryRun(self, request: pb.DryRunRequest, context: grpc.aio.ServicerContext) -> pb.DryRunResponse:
         who = await self._caller(context)
         attrs = await self._subject(context, who, request.identity if request.HasField("identity") else None,
@@ -304,8 +355,8 @@ class AdminService(pb_grpc.AdminServicer):
         return resp
 
 
-def add_to_server(gw: "Gateway", server: grpc.aio.Server) -> None:
-    pb_grpc.add_AdminServicer_to_server(AdminService(gw), server)
+def add_to_server(gw: "Gateway", server: grpc.aio.Server, access_log: AdminAccessLog | None = None) -> None:
+    pb_grpc.add_AdminServicer_to_server(AdminService(gw, access_log), server)
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Admin"].full_name

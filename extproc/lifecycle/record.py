@@ -29,18 +29,28 @@ def _identity(ctx: RequestContext) -> dict[str, Any]:
     }
 
 
+def _priced_as(ctx: RequestContext, model: str | None = None) -> str | None:
+    """The price-table entry the admitted model was priced by (a name, a glob, or "default")."""
+    if model is None:
+        adm = ctx.admission
+        model = adm.model if adm is not None and adm.admitted else (ctx.req.model if ctx.req else None)
+    return ctx.config.prices.entry_name(model) if model else None
+
+
 def _request(ctx: RequestContext) -> dict[str, Any]:
     adm = ctx.admission
     return {
         "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "request_id": ctx.request_id,
         "envoy_request_id": ctx.envoy_request_id,
+        "client_request_id": ctx.client_request_id,
         **_identity(ctx),
         "metadata": ctx.metadata,
         "api": ctx.api.name if ctx.api else None,
         "provider": ctx.provider,
         "model_requested": ctx.req.model if ctx.req else None,
         "model_served": ctx.model_served,
+        "priced_as": _priced_as(ctx),
         "decision": ctx.decision,
         "reason": ctx.decision_reason,
         "budgets": adm.budgets if adm else [],
@@ -57,7 +67,8 @@ def lease_record(ctx: RequestContext, *, model: str, provider: str, budgets: lis
     """The record Redis writes if this lease expires unsettled (it adds settlement, end, estimate,
     complete and the cost): built by the engine for the candidate it reserves, since the
     admission (downgraded model, budgets, amount) is not known before the reserve."""
-    return {**_request(ctx), "provider": provider, "model_served": model, "budgets": budgets,
+    return {**_request(ctx), "provider": provider, "model_served": model, "priced_as": _priced_as(ctx, model),
+            "budgets": budgets,
             "reserved_usd": reserved_nusd / NANO_PER_USD, "status": 0}
 
 
