@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .attribution import Sink, stdout_sink
 from .budgets import BudgetEngine
 from .budgets.outbox import Outbox
-from .config import Config
+from .config import Config, load_config, policy_files
+from .policy_yaml import PolicyError
+from .runtime import Runtime, describe_changes
 from .identity import Authenticator
 from .lifecycle.admitter import Admitter
 from .lifecycle.concurrency import ConcurrencyCap
@@ -32,31 +34,105 @@ from .usage import expired_stream_key
 
 log = logging.getLogger("tollgate.app")
 
+# Between writing Envoy's xDS files and routing by the new policy: Envoy's file watch picks a
+# rewrite up in milliseconds (measured in tests/test_e2e_xds.py); this leaves a margin.
+XDS_PICKUP_SECONDS = 0.5
 
-@dataclass
+
 class Gateway:
-    """What the processors share. `config` is replaced whole on reload, never mutated."""
+    """What the processors share. The policy-derived part is `runtime` (extproc/runtime.py),
+    replaced whole on reload; the rest (Redis, sinks, metrics, outbox, concurrency counts)
+    lives as long as the process."""
 
-    config: Config
-    sink: Sink
-    auth: Authenticator
-    redis: aioredis.Redis | None = None
-    budgets: BudgetEngine | None = None
-    clock: Callable[[], float] = time.time
-    provider_keys: dict[str, str] = field(default_factory=dict)
-    metrics: Metrics = field(default_factory=Metrics)
-    metrics_server: Any = None
-    outbox: Outbox | None = None
-    state_dir: Path | None = None  # `serve --state-dir`: the admin API writes its access log there
-    concurrency: ConcurrencyCap = field(default_factory=ConcurrencyCap)  # in-flight requests per identity
+    def __init__(self, config: Config, sink: Sink, auth: Authenticator | None = None,
+                 redis: aioredis.Redis | None = None, *, clock: Callable[[], float] = time.time,
+                 metrics: Metrics | None = None, outbox: Outbox | None = None, state_dir: Path | None = None,
+                 xds_dir: Path | None = None) -> None:
+        self.sink = sink
+        self.redis = redis
+        self.clock = clock
+        self.metrics = metrics or Metrics()
+        self.metrics_server: Any = None
+        self.outbox = outbox
+        self.state_dir = state_dir  # `serve --state-dir`: the admin API writes its access log there
+        self.xds_dir = xds_dir  # `serve --xds-dir`: Envoy's provider clusters and routes, rewritten on reload
+        self.concurrency = ConcurrencyCap()  # in-flight requests per identity
+        self.runtime = Runtime.build(config, redis=redis, outbox=outbox, metrics=self.metrics, auth=auth)
+        self.metrics.policy_loaded(config.digest, self.runtime.loaded_at)
+        self._reloading = asyncio.Lock()
 
-    def __post_init__(self) -> None:
-        self.refresh_keys()
-        if self.redis is not None:
-            # Even with no budgets: the engine's settle call also writes the usage rollups.
-            # Leases run on Redis's clock (clock=None), so replicas agree on expiry.
-            self.budgets = BudgetEngine(list(self.config.doc.budgets), self.redis, outbox=self.outbox)
-        self.admitter = Admitter(self.budgets, self.metrics)
+    # The current runtime's parts, for code that runs outside one request (loops, admin API).
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def auth(self) -> Authenticator:
+        return self.runtime.auth
+
+    @property
+    def budgets(self) -> BudgetEngine | None:
+        return self.runtime.budgets
+
+    @property
+    def admitter(self) -> Admitter:
+        return self.runtime.admitter
+
+    @property
+    def provider_keys(self) -> Mapping[str, str]:
+        return self.runtime.provider_keys
+
+    async def reload(self, why: str = "files changed") -> bool | None:
+        """Load the policy directory again and swap in a new runtime: True if swapped, False if
+        nothing changed, None if the new files are invalid (the running policy stays, the error
+        is logged with its file:line and counted in tollgate_policy_reload_errors_total)."""
+        async with self._reloading:
+            old = self.runtime
+            started = time.perf_counter()
+            try:
+                config = await asyncio.to_thread(load_config, old.config.source)
+            except PolicyError as e:
+                self.metrics.policy_reload_failed()
+                log.error("policy reload (%s) refused, still serving %s: %s", why, old.digest[:12],
+                          "; ".join(e.problems))
+                return None
+            if config.digest == old.digest:
+                return False
+            new = Runtime.build(config, redis=self.redis, outbox=self.outbox, metrics=self.metrics)
+            if self.xds_dir is not None:
+                # Envoy must know a new provider before a request is routed there, and keep a
+                # removed one until no request of the old policy can still be: both first.
+                await asyncio.to_thread(_write_xds, config, self.xds_dir, old.config)
+                await asyncio.sleep(XDS_PICKUP_SECONDS)
+            self.runtime = new
+            old.retire()
+            self.metrics.policy_loaded(config.digest, new.loaded_at)
+            changes = describe_changes(old.config, config)
+            log.warning("policy reloaded (%s) in %.0f ms: %s -> %s: %s", why, (time.perf_counter() - started) * 1000,
+                        old.digest[:12], config.digest[:12], "; ".join(changes) or "no effective change")
+            if self.xds_dir is not None:
+                asyncio.get_running_loop().create_task(self._narrow_xds(old, new))
+            return True
+
+    async def _narrow_xds(self, old: Runtime, new: Runtime) -> None:
+        """Once the old policy's last request has ended, drop the providers it alone had."""
+        await old.closed()
+        if self.runtime is new and self.xds_dir is not None:
+            await asyncio.to_thread(_write_xds, new.config, self.xds_dir)
+
+    async def watch_policies(self, interval: float = 0.5) -> None:
+        """Reload whenever a policy file changes (names, sizes, modification times)."""
+        seen = _fingerprint(self.config.source)
+        while True:
+            await asyncio.sleep(interval)
+            now = _fingerprint(self.config.source)
+            if now != seen:
+                seen = now
+                try:
+                    await self.reload()
+                except Exception:
+                    log.exception("policy reload failed; still serving the running policy")
+                    self.metrics.policy_reload_failed()
 
     async def sweep_leases(self, interval: float = 10.0) -> None:
         """Every `interval` s, charge leases that expired on idle counters (see
@@ -136,12 +212,6 @@ class Gateway:
         self.sink(record)
         self.metrics.observe(record)
 
-    def refresh_keys(self) -> None:
-        """Read gateway-held provider keys once (env or file), not per request."""
-        self.provider_keys = {
-            name: key for name, p in self.config.providers.items() if p.key and (key := p.key.read())
-        }
-
     def new_processor(self) -> Processor:
         return Processor(self)
 
@@ -154,7 +224,8 @@ class Gateway:
                 log.exception("final outbox replay failed; the next start replays it")
         if self.metrics_server is not None:
             await self.metrics_server.stop()
-        await self.auth.close()
+        self.runtime.retire()
+        await self.runtime.closed()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -182,10 +253,34 @@ def redis_client(url: str, config: Config) -> aioredis.Redis:
 
 
 async def build_gateway(config: Config, *, redis_url: str | None, outbox_path: Path | None = None,
-                        sink: Sink | None = None, state_dir: Path | None = None) -> Gateway:
+                        sink: Sink | None = None, state_dir: Path | None = None,
+                        xds_dir: Path | None = None) -> Gateway:
     redis = redis_client(redis_url, config) if redis_url else None
     outbox = Outbox(outbox_path) if (outbox_path is not None and redis is not None) else None
     if state_dir is None and outbox_path is not None:
         state_dir = outbox_path.parent  # the outbox lives in the state dir (`serve --state-dir`)
-    return Gateway(config=config, sink=sink or stdout_sink(), auth=Authenticator(config.doc.identity), redis=redis,
-                   outbox=outbox, state_dir=state_dir)
+    return Gateway(config=config, sink=sink or stdout_sink(), redis=redis, outbox=outbox, state_dir=state_dir,
+                   xds_dir=xds_dir)
+
+
+def _write_xds(config: Config, xds_dir: Path, keep: Config | None = None) -> bool:
+    """Envoy's provider clusters and routes for `config`, plus those only `keep` has."""
+    from .envoy_config import write_xds
+
+    if keep is not None:
+        providers = {**keep.providers, **config.providers}
+        config = dataclasses.replace(config, doc=config.doc.model_copy(update={"providers": providers}))
+    return write_xds(config, xds_dir)
+
+
+def _fingerprint(root: Path) -> tuple[tuple[str, int, int], ...]:
+    """Cheap to take twice a second: a changed file changes its size or mtime (a ConfigMap's
+    symlink swap changes both)."""
+    out = []
+    for p in policy_files(root):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(out)

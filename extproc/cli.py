@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 from datetime import date, datetime, timezone
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="local state that must survive a restart: the settle outbox (outbox.sqlite), "
                         "the attribution record files (attribution/) and the admin access log "
                         "(admin-access.jsonl)")
+    p.add_argument("--xds-dir", default=os.environ.get("TOLLGATE_XDS_DIR"),
+                   help="where Envoy watches its provider clusters and routes (file-based xDS): rewritten "
+                        "on each policy reload")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TOLLGATE_METRICS_PORT", "9464")),
                    help="Prometheus /metrics on loopback (0 = off)")
     p.add_argument("--admin-port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_ADMIN_PORT", "50052")),
@@ -161,10 +165,14 @@ def _serve(args: argparse.Namespace) -> None:
         # Records outlive the bounded Redis stream in rotated JSON-lines files, one writer per process.
         files = RotatingJsonlSink(state / "attribution", name=f"extproc-{args.port}")
         gw = await build_gateway(config, redis_url=args.redis_url, outbox_path=state / "outbox.sqlite",
-                                 sink=tee(stdout_sink(), files), state_dir=state)
+                                 sink=tee(stdout_sink(), files), state_dir=state,
+                                 xds_dir=Path(args.xds_dir) if args.xds_dir else None)
         loop = asyncio.get_running_loop()
         replay = loop.create_task(gw.replay_outbox())
         sweep = loop.create_task(gw.sweep_leases())
+        # Policy edits take effect without a restart: on a file change, and on SIGHUP.
+        watch = loop.create_task(gw.watch_policies())
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gw.reload("SIGHUP")))
         gauges = None
         if args.metrics_port:
             gw.metrics_server = await gw.metrics.serve(args.host, args.metrics_port)
@@ -180,6 +188,7 @@ def _serve(args: argparse.Namespace) -> None:
                     on_phase=gw.metrics.phase_latency)
         replay.cancel()
         sweep.cancel()
+        watch.cancel()
         files.close()
         if gauges is not None:
             gauges.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import date
@@ -233,6 +234,7 @@ class Config:
     doc: PolicyDoc
     prices: PriceTable
     source: Path
+    digest: str = ""  # sha256 of the policy files (names and bytes) this was loaded from
 
     @property
     def providers(self) -> dict[str, Provider]:
@@ -266,13 +268,20 @@ def load_config(directory: str | os.PathLike[str]) -> Config:
     merged: dict[str, Any] = {}
     smap = SourceMap(place=str(root))
     problems: list[str] = []
-    files = sorted(p for p in root.rglob("*.yaml") if p.is_file())
+    files = policy_files(root)
     if not files:
         raise PolicyError([f"{root}: no *.yaml policy files"])
+    digest = hashlib.sha256()
     for path in files:
         display = str(path)
         try:
-            data, fmap = load_yaml(path, display)
+            raw = path.read_bytes()  # read once: what is hashed is what is loaded
+        except OSError as e:
+            problems.append(f"{display}: cannot read: {e.strerror}")
+            continue
+        digest.update(f"{path.relative_to(root)}\0".encode() + raw + b"\0")
+        try:
+            data, fmap = load_yaml(path, display, raw)
         except PolicyError as e:
             problems.extend(e.problems)
             continue
@@ -293,7 +302,12 @@ def load_config(directory: str | os.PathLike[str]) -> Config:
     if problems:
         raise PolicyError(problems)
     prices = PriceTable(doc.prices.models, doc.prices.default, doc.prices.tools)
-    return Config(doc=doc, prices=prices, source=root)
+    return Config(doc=doc, prices=prices, source=root, digest=digest.hexdigest())
+
+
+def policy_files(root: Path) -> list[Path]:
+    """The files a policy directory is made of, in load order."""
+    return sorted(p for p in root.rglob("*.yaml") if p.is_file())
 
 
 def _merge(dst: dict[str, Any], src: dict[str, Any], loc: tuple, fmap: SourceMap, smap: SourceMap) -> list[str]:

@@ -102,6 +102,12 @@ class Metrics:
         self._outbox = Gauge("tollgate_outbox_pending", "Settles waiting in the local outbox for Redis.", registry=r)
         self._utilisation = Gauge("tollgate_budget_utilisation_ratio",
                                   "Spent (plus reserved) over limit for shared budgets.", ("budget",), registry=r)
+        self._policy = Gauge("tollgate_policy_info", "The policy being served: 1 for its sha256 (of the policy "
+                             "files), one series at a time.", ("digest",), registry=r)
+        self._policy_loaded = Gauge("tollgate_policy_loaded_timestamp_seconds",
+                                    "When the policy being served was loaded (Unix time).", registry=r)
+        self._reload_errors = Counter("tollgate_policy_reload_errors",
+                                      "Policy reloads refused (invalid files): the running policy stayed.", registry=r)
 
         # label tuple -> child; plain dicts, filled lazily (a miss costs one .labels() call)
         self._c_requests: dict[tuple[str, ...], Any] = {}
@@ -178,6 +184,14 @@ class Metrics:
         if child is None:
             child = self._c_lifecycle[event] = self._lifecycle.labels(_label(event))
         child.inc()
+
+    def policy_loaded(self, digest: str, at: float) -> None:
+        self._policy.clear()
+        self._policy.labels(digest).set(1)
+        self._policy_loaded.set(at)
+
+    def policy_reload_failed(self) -> None:
+        self._reload_errors.inc()
 
     def set_outbox_pending(self, n: int) -> None:
         self._outbox.set(n)

@@ -82,11 +82,12 @@ def _dotted(loc: Loc) -> str:
     return s
 
 
-def load_yaml(path: Path, display: str) -> tuple[Any, SourceMap]:
-    """Parse one file into plain data plus its source map; syntax errors carry their line."""
+def load_yaml(path: Path, display: str, data: bytes | None = None) -> tuple[Any, SourceMap]:
+    """Parse one file (or `data`, its bytes as already read) into plain data plus its source
+    map; syntax errors carry their line."""
     smap = SourceMap()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if data is None else data.decode("utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark

@@ -53,8 +53,10 @@ class Processor:
 
     def __init__(self, gw: "Gateway") -> None:
         self.gw = gw
-        self.ctx = RequestContext(gw.config)
-        self.settler = Settler(gw, self.ctx)
+        # The policy current when the stream started, held to its end (extproc/runtime.py).
+        self.rt = rt = gw.runtime.hold()
+        self.ctx = RequestContext(rt.config)
+        self.settler = Settler(gw, self.ctx, rt.budgets)
         self._client_keys: dict[str, str] = {}  # provider-key headers the client sent that are not its credential
         self._slot: Slot | None = None  # this request's place under its identity's concurrency cap
 
@@ -74,7 +76,7 @@ class Processor:
         ctx.shape = "anthropic" if bare_path.startswith("/v1/messages") else "openai"
         try:
             try:
-                ctx.identity = await self.gw.auth.authenticate(headers)
+                ctx.identity = await self.rt.auth.authenticate(headers)
             except AuthError as e:
                 raise GatewayError(e.status, e.message, type="authentication_error", code=e.check) from None
             self._slot = self.gw.concurrency.acquire(ctx.identity, ctx.config.gateway.limits.concurrent_requests_per_identity)
@@ -100,7 +102,7 @@ class Processor:
         # identified it, every x-tollgate-* header, Cloudflare Access's identity headers and
         # cookies (Access's CF_Authorization cookie carries the JWT) are removed.
         assert ctx.identity is not None
-        creds = self.gw.auth.headers_to_strip(ctx.identity)
+        creds = self.rt.auth.headers_to_strip(ctx.identity)
         remove = [k for k in headers if k.startswith(_STRIPPED_PREFIXES) or k in creds or k == "cookie"
                   or k in _IDENTITY_LOOKALIKES]
         # Provider-key headers still present: decided once the provider is known (request body).
@@ -118,7 +120,7 @@ class Processor:
             if len(raw) > limit:
                 raise _too_large(len(raw), limit)
             req = ctx.req = api.parse(raw, ctx.config.gateway.bounds)
-            changed = await self.gw.admitter.admit(ctx)
+            changed = await self.rt.admitter.admit(ctx)
             changed = (req.stream and api.prepare_stream(req.body)) or changed
             body = _dumps(req.body) if changed else None
         except GatewayError as e:
@@ -127,7 +129,7 @@ class Processor:
         set_headers = {UPSTREAM_HEADER: ctx.provider}
         remove: list[str] = []
         provider = ctx.config.providers[ctx.provider]
-        key = self.gw.provider_keys.get(ctx.provider)
+        key = self.rt.provider_keys.get(ctx.provider)
         if key:
             if api.wire == "anthropic":
                 set_headers["x-api-key"] = key
@@ -143,7 +145,7 @@ class Processor:
             # No gateway key: the client's own provider key goes only where the policy says so,
             # and a Tollgate credential never does.
             remove += [h for h in self._client_keys
-                       if not provider.pass_client_key or self.gw.auth.is_tollgate_credential(h, self._client_keys[h])]
+                       if not provider.pass_client_key or self.rt.auth.is_tollgate_credential(h, self._client_keys[h])]
         if body is not None:
             set_headers["content-length"] = str(len(body))
         ctx.to(State.FORWARDED)
@@ -290,6 +292,7 @@ class Processor:
         finally:
             if self._slot is not None:
                 self._slot.release()
+            self.rt.release()
 
     # ---- refusals --------------------------------------------------------------------
     async def _refuse(self, err: GatewayError) -> ProcessingResponse:

@@ -31,6 +31,7 @@ from .record import build_record
 
 if TYPE_CHECKING:
     from ..app import Gateway
+    from ..budgets import BudgetEngine
 
 log = logging.getLogger("tollgate.settler")
 
@@ -53,8 +54,9 @@ async def drain(timeout: float = 5.0) -> None:
 
 
 class Settler:
-    def __init__(self, gw: "Gateway", ctx: RequestContext) -> None:
+    def __init__(self, gw: "Gateway", ctx: RequestContext, budgets: "BudgetEngine | None") -> None:
         self.gw = gw
+        self.budgets = budgets  # the engine of the runtime that admitted the request
         self.ctx = ctx
         self.meter: JsonMeter | SseMeter | None = None
         self.record: dict[str, Any] | None = None
@@ -117,9 +119,9 @@ class Settler:
 
     async def _release(self) -> None:
         adm = self.ctx.admission
-        if adm is None or self.gw.budgets is None:
+        if adm is None or self.budgets is None:
             return
-        if await self.gw.budgets.release(adm) == "store_error":
+        if await self.budgets.release(adm) == "store_error":
             self.gw.metrics.redis_error("release")
 
     async def _settle(self, end: str) -> dict[str, Any]:
@@ -131,7 +133,7 @@ class Settler:
         record = build_record(ctx, m.usage, m.cost_nusd, complete=m.complete, end=end, estimate=m.estimate,
                               overrun_nusd=m.overrun_nusd)
         settlement: str | None = None
-        engine = self.gw.budgets
+        engine = self.budgets
         if engine is not None:
             counters = ctx.admission.counters if ctx.admission is not None else ()
             # One atomic call: the real cost replaces the reservation (no usage, e.g. an upstream
