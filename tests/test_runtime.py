@@ -1,0 +1,69 @@
+"""extproc.runtime: a retired runtime closes once its last request ends; a reload's summary."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+from extproc.config import load_config
+from extproc.metrics import Metrics
+from extproc.runtime import Runtime, describe_changes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _dir(tmp_path: Path) -> Path:
+    d = tmp_path / "p"
+    shutil.copytree(REPO / "policies", d)
+    return d
+
+
+def test_a_retired_runtime_closes_after_its_last_request(tmp_path: Path) -> None:
+    async def main() -> None:
+        rt = Runtime.build(load_config(_dir(tmp_path)), redis=None, outbox=None, metrics=Metrics())
+        closed: list[int] = []
+
+        async def close() -> None:
+            closed.append(1)
+
+        rt.auth.close = close  # type: ignore[method-assign]
+        a, b = rt.hold(), rt.hold()
+        rt.retire()
+        a.release()
+        await asyncio.sleep(0)
+        assert closed == [] and rt.holders == 1, "closed while a request still held it"
+        b.release()
+        await rt.closed()
+        assert closed == [1]
+
+    asyncio.run(main())
+
+
+def test_the_digest_follows_the_bytes(tmp_path: Path) -> None:
+    d = _dir(tmp_path)
+    first = load_config(d).digest
+    assert load_config(d).digest == first and len(first) == 64
+    (d / "gateway.yaml").write_text((d / "gateway.yaml").read_text() + "\n# a comment\n")
+    assert load_config(d).digest != first
+
+
+def test_changes_name_budgets_and_credentials_never_secrets(tmp_path: Path) -> None:
+    d = _dir(tmp_path)
+    (d / "x.yaml").write_text(
+        "budgets:\n  - {name: b1, limit_usd: 5, window: {calendar: day}}\n"
+        "  - {name: b2, per: [user], limit_usd: 5, window: {calendar: day}}\n"
+        "identity:\n  api_keys:\n    keys:\n"
+        "      - {name: old-key, key_sha256: " + "a" * 64 + "}\n")
+    old = load_config(d)
+    (d / "x.yaml").write_text(
+        "budgets:\n  - {name: b1, limit_usd: 7, window: {calendar: day}}\n"
+        "  - {name: b3, limit_usd: 5, window: {calendar: day}}\n"
+        "identity:\n  api_keys:\n    keys:\n"
+        "      - {name: new-key, key_sha256: " + "b" * 64 + "}\n")
+    changes = describe_changes(old, load_config(d))
+    assert "budget b3 added" in changes
+    assert any(c.startswith("budget b2 removed") for c in changes)
+    assert "budget b1: limit changed (spend kept)" in changes
+    assert "api key new-key added" in changes and "api key old-key revoked" in changes
+    assert not any("a" * 16 in c or "b" * 16 in c for c in changes)
