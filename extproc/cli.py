@@ -83,6 +83,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
     p.set_defaults(func=_budgets)
 
+    p = sub.add_parser("simulate", help="what the gateway would do with one request, for a policy directory "
+                                        "against the live budget counters (reads Redis, writes nothing)")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help="the (candidate) policy directory")
+    p.add_argument("--as", dest="identity", action="append", default=[], metavar="ATTR=VALUE",
+                   help="an identity attribute, repeatable: --as user=alice --as groups=interns --as groups=eng "
+                        "(groups is a list; metadata such as run=... too)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--path", help="the request path (default /v1/chat/completions; /v1/messages when only an "
+                                  "Anthropic-wire provider serves the model)")
+    p.add_argument("--max-tokens", type=int, help="the request's output cap (default: unset, the model's maximum)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--input-bytes", type=int, help="the request body's size (default 1024)")
+    size.add_argument("--input-tokens", type=int, help="the input bound in tokens, instead of --input-bytes")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.set_defaults(func=_simulate)
+
     p = sub.add_parser("hash-key", help="print the sha256 to store in a policy for an API key or secret")
     p.add_argument("secret")
     p.set_defaults(func=lambda a: print(__import__("extproc.identity", fromlist=["hash_secret"]).hash_secret(a.secret)))
@@ -117,11 +135,21 @@ def _check(args: argparse.Namespace) -> None:
           f"{len(config.doc.budgets)} budgets)")
     today = datetime.now(timezone.utc).date()
     stale = config.prices.stale(today, STALE_PRICE_DAYS)
+    from .simulate import policy_summary
+
+    print(policy_summary(config, stale=stale, today=today), flush=True)
     if stale:
         print(f"warning: {len(stale)} prices were last checked more than {STALE_PRICE_DAYS} days ago "
               "(check them against the provider and update `checked`):", file=sys.stderr)
         for name in stale:
             print(f"  {name}", file=sys.stderr)
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from .simulate import run_cli
+
+    config = _load(args.policies)
+    sys.exit(run_cli(config, args))
 
 
 def _prices(args: argparse.Namespace) -> None:

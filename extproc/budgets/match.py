@@ -53,10 +53,21 @@ def per_key(values: Mapping[str, str]) -> str:
     return ",".join(f"{k}={quote(v, safe='@._-+')}" for k, v in values.items())
 
 
-def limit_nusd(budget: Budget, attrs: Attrs) -> int:
-    """The limit for this request: first matching override, else first matching tier, else default."""
+def limit_source(budget: Budget, attrs: Attrs) -> tuple[str, int | None]:
+    """Which entry sets the limit for these attrs: the first matching override, else the first
+    matching tier, else the default: ("override", i), ("tier", i) or ("default", None)."""
     spec: LimitSpec = budget.limit_spec()
-    for entry in (*spec.overrides, *spec.tiers):
-        if where_matches(entry.where, attrs):
-            return usd_to_nusd(entry.limit_usd)
-    return usd_to_nusd(spec.default)
+    for kind, entries in (("override", spec.overrides), ("tier", spec.tiers)):
+        for i, entry in enumerate(entries):
+            if where_matches(entry.where, attrs):
+                return kind, i
+    return "default", None
+
+
+def limit_nusd(budget: Budget, attrs: Attrs) -> int:
+    """The limit for this request, from the entry `limit_source` picks."""
+    spec: LimitSpec = budget.limit_spec()
+    kind, i = limit_source(budget, attrs)
+    if i is None:
+        return usd_to_nusd(spec.default)
+    return usd_to_nusd((spec.overrides if kind == "override" else spec.tiers)[i].limit_usd)
