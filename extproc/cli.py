@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="the ext_proc admin gRPC port(s), one per --extproc-port (default 50052)")
     p.add_argument("--access-log", default="/dev/stdout")
     p.add_argument("--admin-access-log", default="/dev/stdout", help="Envoy's access log of the admin API listener")
+    p.add_argument("--xds-dir", help="write the providers' clusters and routes there as file-based xDS (which "
+                                     "`tollgate serve --xds-dir` rewrites on reload) and point the bootstrap at "
+                                     "them; without it they are inlined")
     p.set_defaults(func=_envoy_config)
 
     p = sub.add_parser("report", help="spend and tokens by user, team, model, ... over a date range (reads Redis)")
@@ -200,6 +203,10 @@ def _serve(args: argparse.Namespace) -> None:
         sweep = loop.create_task(gw.sweep_leases())
         # Policy edits take effect without a restart: on a file change, and on SIGHUP.
         watch = loop.create_task(gw.watch_policies())
+        if gw.xds_dir is not None:  # the typed Envoy classes take about 1 s to import: not at the first reload
+            from .envoy_config import import_types
+
+            loop.run_in_executor(None, import_types)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gw.reload("SIGHUP")))
         gauges = None
         if args.metrics_port:
@@ -290,7 +297,12 @@ def _envoy_config(args: argparse.Namespace) -> None:
     config = _load(args.policies)
     ports = EnvoyPorts(listen=args.listen_port, admin=args.admin_port, extproc=args.extproc_port or [50051],
                        admin_api=args.admin_api_port, extproc_admin=args.extproc_admin_port or [50052],
-                       access_log=args.access_log, admin_access_log=args.admin_access_log)
+                       access_log=args.access_log, admin_access_log=args.admin_access_log,
+                       xds_dir=str(Path(args.xds_dir).resolve()) if args.xds_dir else None)
+    if args.xds_dir:
+        from .envoy_config import write_xds
+
+        write_xds(config, Path(args.xds_dir))
     sys.stdout.write(yaml.safe_dump(render(config, ports), sort_keys=False))
 
 

@@ -122,6 +122,12 @@ class Stack:
         return self.run_dir / "extproc.log"
 
     @property
+    def xds_dir(self) -> Path:
+        """Envoy's provider clusters and routes (cds.json, rds.json), which it watches: rewrite
+        them with `envoy_config.write_xds` to change providers without restarting Envoy."""
+        return self.run_dir / "xds"
+
+    @property
     def envoy_admin_access_log(self) -> Path:
         """Envoy's access log of the admin API listener (every call as Envoy saw it)."""
         return self.run_dir / "envoy-admin-access.log"
@@ -166,19 +172,24 @@ class Stack:
                 p = Proc(f"extproc-{i}", [py, "-m", "extproc.cli", "serve", "--policies", str(self.policies),
                                           "--port", str(port), "--admin-port", str(admin_port),
                                           "--metrics-port", str(metrics_port), "--redis-url", self.redis_url,
-                                          "--state-dir", str(self.run_dir / "state")],
+                                          "--state-dir", str(self.run_dir / "state"),
+                                          "--xds-dir", str(self.xds_dir.resolve())],
                          log_path=log, env=self.env(), ports=[port, admin_port, metrics_port])
                 extprocs.append(self._add(p, inherit=self.extproc_stdout_to_terminal))
             envoy_yaml = write(config, EnvoyPorts(listen=self.ports.listen, admin=self.ports.admin,
                                                   extproc=self.ports.extproc, access_log=str(self.access_log),
                                                   admin_access_log=str(self.envoy_admin_access_log),
                                                   admin_api=self.ports.admin_api,
-                                                  extproc_admin=self.ports.extproc_admin),
+                                                  extproc_admin=self.ports.extproc_admin,
+                                                  xds_dir=str(self.xds_dir.resolve())),
                                self.run_dir / "envoy.yaml")
             fake.wait_ready(cancelled=self.should_stop)
             for p in extprocs:
                 p.wait_ready(cancelled=self.should_stop)
+            # --reject-unknown-dynamic-fields: an xDS file with a field or enum value this Envoy
+            # does not know is refused (the old config stays), not applied with it dropped.
             envoy = self._add(Proc("envoy", [envoy_binary(), "-c", str(envoy_yaml), "--disable-hot-restart",
+                                             "--reject-unknown-dynamic-fields",
                                              "--log-level", "warn", "--concurrency", "2",
                                              "--file-flush-interval-msec", "100"],
                                    log_path=self.run_dir / "envoy.log"))

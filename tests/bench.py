@@ -49,6 +49,7 @@ from typing import Any
 
 import yaml
 
+from extproc.envoy_config import inline_xds
 from extproc.procs import Proc, free_port, wait_for_port
 from extproc.stack import Stack, StackPorts, envoy_binary
 
@@ -97,6 +98,8 @@ def plain_bootstrap(tollgate: dict[str, Any], listen: int, admin: int, access_lo
     """Tollgate's rendered bootstrap without ext_proc: same listener, HCM, access log and router;
     the fake provider's route (prefix rewrite, host rewrite, timeout) matches every `/v1/` request."""
     boot = copy.deepcopy(tollgate)
+    if "dynamic_resources" in boot:  # the providers' clusters and routes, read back from their xDS files
+        boot = inline_xds(boot)
     boot["admin"]["address"]["socket_address"]["port_value"] = admin
     res = boot["static_resources"]
     listener = res["listeners"][0]

@@ -28,7 +28,7 @@ from tests.test_e2e_lifecycle import Load
 CHAT = "/v1/chat/completions"
 NEW_KEY = "key-reload-new"  # sha256 below
 NEW_KEY_SHA = "40aba0f11a5476cbd9d37ae21f57cc1f3245290b0dad64fb8d654ca3a4346c71"
-RELOAD_WITHIN_S = 5.0  # generous on a loaded 2-core machine; the measured figure is printed
+RELOAD_WITHIN_S = 10.0  # generous on a loaded 2-core machine; the measured figure is printed
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,12 @@ def until(check: Callable[[], bool], timeout: float = RELOAD_WITHIN_S) -> float:
     return time.monotonic() - t0
 
 
+def in_force(stack: Stack, h: dict[str, str], budget: str) -> bool:
+    """A request is served under `budget` (the allowed response names the budget it counted against)."""
+    r = httpx.post(stack.base_url + CHAT, content=body(), headers=h)
+    return r.status_code == 200 and r.headers.get("x-tollgate-budget-name") == budget
+
+
 def spent(stack: Stack, budget: str, run: str) -> int:
     r = redis.Redis.from_url(stack.redis_url)
     try:
@@ -95,7 +101,7 @@ def test_a_lowered_limit_blocks_the_next_request_and_keeps_the_spend(rs: Stack) 
     f, name, run = rs.policies / "reload-limit.yaml", "reload-limit", uuid.uuid4().hex
     write_policy(f, budget_file(name, 1000))
     h = headers(run, name)
-    until(lambda: httpx.post(rs.base_url + CHAT, content=body(), headers=h).status_code == 200)
+    until(lambda: in_force(rs, h, name))
     load = Load(rs, 4, lambda i: (body(), h), timeout=20)
     load.start()
     try:
@@ -148,7 +154,7 @@ def test_sighup_reloads(rs: Stack) -> None:
     h = headers(run, name)
     try:
         write_policy(f, budget_file(name, "1000.00"))
-        until(lambda: httpx.post(rs.base_url + CHAT, content=body(), headers=h).status_code == 200)
+        until(lambda: in_force(rs, h, name))
         time.sleep(1.0)  # the watcher has seen this file
         st = f.stat()
         f.write_text(budget_file(name, "0.00001"))  # same length as "1000.00"
