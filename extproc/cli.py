@@ -28,6 +28,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="local state that must survive a restart: the settle outbox (outbox.sqlite), "
                         "the attribution record files (attribution/) and the admin access log "
                         "(admin-access.jsonl)")
+    p.add_argument("--drain-seconds", type=float, default=2.5,
+                   help="on SIGTERM: keep taking new streams this long after reporting NOT_SERVING, until "
+                        "Envoy's health check has taken this process out")
+    p.add_argument("--shutdown-grace-seconds", type=float, default=30.0,
+                   help="then: how long in-flight requests may take to finish (the rest are settled as "
+                        "interrupted)")
     p.add_argument("--xds-dir", default=os.environ.get("TOLLGATE_XDS_DIR"),
                    help="where Envoy watches its provider clusters and routes (file-based xDS): rewritten "
                         "on each policy reload")
@@ -220,7 +226,8 @@ def _serve(args: argparse.Namespace) -> None:
             admin = AdminEndpoint(lambda server: admin_service.add_to_server(gw, server),
                                   admin_service.SERVICE_NAME, args.host, args.admin_port)
         await serve(gw.new_processor, args.host, args.port, on_stop=gw.close, admin=admin,
-                    on_phase=gw.metrics.phase_latency)
+                    on_phase=gw.metrics.phase_latency, drain_seconds=args.drain_seconds,
+                    grace_seconds=args.shutdown_grace_seconds)
         replay.cancel()
         sweep.cancel()
         watch.cancel()

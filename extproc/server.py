@@ -32,9 +32,14 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     async def Process(
         self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ProcessingResponse]:
-        proc = self._new()
+        # Made on the first message, not when the stream opens: in a disconnect storm most streams
+        # are reset before Envoy's first message is read, and this process must shed those fast
+        # (docs/operations.md, "The ext_proc's gRPC server settings").
+        proc: Processor | None = None
         try:
             async for req in request_iterator:
+                if proc is None:
+                    proc = self._new()
                 phase = req.WhichOneof("request")
                 started = time.perf_counter()
                 try:
@@ -55,20 +60,38 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                     self._on_phase(phase or "", time.perf_counter() - started)
                 yield resp
         finally:
-            try:
-                await proc.close()
-            except Exception:
-                log.exception("closing request %s failed", proc.request_id)
+            if proc is not None:
+                try:
+                    await proc.close()
+                except Exception:
+                    log.exception("closing request %s failed", proc.request_id)
 
 
 def _new_server() -> grpc.aio.Server:
+    """For one trusted peer, Envoy, multiplexing every request (one stream each) over one HTTP/2
+    connection per worker: nothing here may close that connection or refuse a stream because of
+    one client's behaviour, since that fails other clients' requests. docs/operations.md, "The
+    ext_proc's gRPC server settings", says why each value is what it is."""
     return grpc.aio.server(options=[
         ("grpc.so_reuseport", 0),  # grpcio turns it on by default: a second server would share the port silently
-        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),  # whole bodies come as one message (BUFFERED)
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),  # a rewritten body goes back as one message
+        ("grpc.max_concurrent_streams", 2**31 - 1),  # no limit: Envoy's circuit breakers bound streams, not grpc
+        # Calls not yet taken, mostly dead in a disconnect storm; past this grpc cancels new ones at random.
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 50_000),  # ~15 KB each: caps that queue at ~750 MB
+        ("grpc.keepalive_permit_without_calls", 1),  # Envoy may ping an idle connection
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),  # ...as often as every 5 s
+        ("grpc.http2.max_ping_strikes", 0),  # and is never sent GOAWAY for pinging too often
     ])
+
+
+# Envoy health-checks the ext_proc every second and takes a host out at its first NOT_SERVING
+# answer (envoy/tollgate.yaml): after this long, no new stream comes here.
+DRAIN_SECONDS = 2.5
+# How long in-flight streams may take to finish after that (LLM streams can run for minutes: a
+# supervisor's stop timeout should exceed DRAIN_SECONDS + this; `serve --shutdown-grace-seconds`).
+GRACE_SECONDS = 30.0
 
 
 @dataclass
@@ -94,8 +117,9 @@ async def _start(server: grpc.aio.Server, host: str, port: int) -> health.aio.He
 async def serve(new_processor: Callable[[], Processor], host: str, port: int,
                 on_stop: Callable[[], "asyncio.Future[None] | None"] | None = None,
                 admin: AdminEndpoint | None = None,
-                on_phase: Callable[[str, float], None] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight streams for a few seconds."""
+                on_phase: Callable[[str, float], None] | None = None,
+                drain_seconds: float = DRAIN_SECONDS, grace_seconds: float = GRACE_SECONDS) -> None:
+    """Serve until SIGTERM/SIGINT, then leave without failing a request (see `DRAIN_SECONDS`)."""
     server = _new_server()
     ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(new_processor, on_phase), server)
     health_servicer = await _start(server, host, port)
@@ -115,19 +139,31 @@ async def serve(new_processor: Callable[[], Processor], host: str, port: int,
         for name in ("", admin.service_name):
             await admin_health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("admin API (gRPC) listening on %s:%d", admin.host, admin.port)
-    stop = asyncio.Event()
+    signals = asyncio.Queue[int]()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    await signals.get()
+    # 1. Tell Envoy's health checks, and keep taking streams until they have: a stream opened
+    #    after the server stops would fail its request.
     for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if admin_server is not None and admin_health is not None:
+    if admin_health is not None:
         for name in ("", admin.service_name):  # type: ignore[union-attr]
             await admin_health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await asyncio.gather(server.stop(grace=5), admin_server.stop(grace=2))
-    else:
-        await server.stop(grace=5)
+    log.warning("stopping: NOT_SERVING; taking new streams for %.1f s more, then finishing in-flight ones for up "
+                "to %.0f s (a second signal skips the wait)", drain_seconds, grace_seconds)
+    try:
+        await asyncio.wait_for(signals.get(), drain_seconds)
+        grace_seconds = min(grace_seconds, 1.0)
+    except TimeoutError:
+        pass
+    # 2. Stop taking streams; the ones running finish (and settle) within the grace, the rest are
+    #    cancelled, which settles them as interrupted (Processor.close).
+    stopping = [server.stop(grace=grace_seconds)]
+    if admin_server is not None:
+        stopping.append(admin_server.stop(grace=min(grace_seconds, 2.0)))
+    await asyncio.gather(*stopping)
     if on_stop is not None:
         r = on_stop()
         if r is not None:

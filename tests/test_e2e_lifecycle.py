@@ -377,7 +377,7 @@ async def _cancel_during_admission(cancel_as_the_reserve_returns: bool) -> tuple
     ctx.path = CHAT
     ctx.api = api_for_path(CHAT)
     ctx.req = ctx.api.parse(chat())
-    settler = Settler(SimpleNamespace(budgets=engine, metrics=metrics, record=lambda rec: None), ctx)
+    settler = Settler(SimpleNamespace(metrics=metrics, record=lambda rec: None), ctx, engine)
 
     async def handle() -> None:
         try:
