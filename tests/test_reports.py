@@ -35,15 +35,15 @@ async def test_budget_counters_show_spent_reserved_limit(redis_url):
     ]})
     engine = BudgetEngine(budgets, r, prefix=prefix)
 
-    async def admit(rid: str, user: str):
+    async def admit(rid: str, user: str, lease_seconds: float = 60):
         return await engine.admit(request_id=rid, attrs={"user": user}, model="m", provider="p", input_tokens=0,
                                   max_output_tokens=100, cost_fn=lambda m, i, o: o * 1_000_000,
-                                  provider_of=lambda m: None, lease_seconds=60)
+                                  provider_of=lambda m: None, lease_seconds=lease_seconds)
 
     a = await admit("r1", "alice@x.com")
     await engine.settle(a, 40_000_000)
     await admit("r2", "alice@x.com")  # still in flight
-    await admit("r3", "bob")
+    await admit("r3", "bob", lease_seconds=1)
     rows = await budget_counters(r, prefix=prefix)
     by = {(x["budget"], x["counter"]): x for x in rows}
     alice = by[("daily", "user=alice@x.com")]
@@ -54,6 +54,8 @@ async def test_budget_counters_show_spent_reserved_limit(redis_url):
     only_bob = await budget_counters(r, prefix=prefix, where={"user": "bob"})
     assert [(x["budget"], x["reserved_usd"]) for x in only_bob] == [("daily", 0.1)]
     # Leases past their expiry no longer count, even before any script purges them.
-    later = await budget_counters(r, prefix=prefix, where={"user": "bob"}, now=time.time() + 120)
+    # (A few seconds on, not minutes: the daily counter read is the day `now` falls in, and a
+    # later day has none; this failed when run two minutes before midnight UTC.)
+    later = await budget_counters(r, prefix=prefix, where={"user": "bob"}, now=time.time() + 3)
     assert later[0]["reserved_usd"] == 0
     await r.aclose()
