@@ -98,7 +98,7 @@ class Gateway:
                 return None
             if config.digest == old.digest:
                 return False
-            new = Runtime.build(config, redis=self.redis, outbox=self.outbox, metrics=self.metrics)
+            new = old.succeeded_by(config, redis=self.redis, outbox=self.outbox, metrics=self.metrics)
             if self.xds_dir is not None:
                 # Envoy must know a new provider before a request is routed there, and keep a
                 # removed one until no request of the old policy can still be: both first.

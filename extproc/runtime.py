@@ -49,6 +49,7 @@ class Runtime:
     admitter: Admitter
     provider_keys: Mapping[str, str]
     loaded_at: float = field(default_factory=time.time)
+    owns_auth: bool = True  # False once a successor with the same identity config took `auth` over
     _holders: int = 0
     _retired: bool = False
     _closing: "asyncio.Task[None] | None" = None
@@ -94,7 +95,18 @@ class Runtime:
         if self._closing is not None:
             await self._closing
 
+    def succeeded_by(self, config: Config, **parts: Any) -> "Runtime":
+        """The runtime for `config`, to replace this one. An unchanged identity section keeps
+        this runtime's identity sources: their fetched JWKS and verified-token cache carry over, so
+        a budget edit never makes JWT callers wait on (or fail with) the identity provider."""
+        if config.doc.identity == self.config.doc.identity:
+            self.owns_auth = False
+            return Runtime.build(config, auth=self.auth, **parts)
+        return Runtime.build(config, **parts)
+
     async def close(self) -> None:
+        if not self.owns_auth:
+            return
         try:
             await self.auth.close()
         except Exception:

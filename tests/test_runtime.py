@@ -67,3 +67,31 @@ def test_changes_name_budgets_and_credentials_never_secrets(tmp_path: Path) -> N
     assert "budget b1: limit changed (spend kept)" in changes
     assert "api key new-key added" in changes and "api key old-key revoked" in changes
     assert not any("a" * 16 in c or "b" * 16 in c for c in changes)
+
+
+def test_an_unchanged_identity_section_keeps_its_sources(tmp_path: Path) -> None:
+    """Their JWKS and verified tokens carry over a budget edit; the old runtime no longer closes
+    them. An identity edit builds new ones."""
+    async def main() -> None:
+        d = _dir(tmp_path)
+        old = Runtime.build(load_config(d), redis=None, outbox=None, metrics=Metrics())
+        (d / "x.yaml").write_text("budgets:\n  - {name: b9, limit_usd: 5, window: {calendar: day}}\n")
+        new = old.succeeded_by(load_config(d), redis=None, outbox=None, metrics=Metrics())
+        assert new.auth is old.auth and not old.owns_auth and new.owns_auth
+        closed: list[int] = []
+
+        async def close() -> None:
+            closed.append(1)
+
+        new.auth.close = close  # type: ignore[method-assign]
+        old.retire()
+        await old.closed()
+        assert closed == [], "the old runtime closed identity sources its successor uses"
+        (d / "y.yaml").write_text("identity:\n  api_keys:\n    keys:\n      - {name: k9, key_sha256: " + "c" * 64 + "}\n")
+        newer = new.succeeded_by(load_config(d), redis=None, outbox=None, metrics=Metrics())
+        assert newer.auth is not new.auth and new.owns_auth
+        new.retire()
+        await new.closed()
+        assert closed == [1]
+
+    asyncio.run(main())
