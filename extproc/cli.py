@@ -22,12 +22,19 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("serve", help="run the ext_proc gRPC server")
     p.add_argument("--policies", default=DEFAULT_POLICIES)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_PORT", "50051")))
+    p.add_argument("--port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_PORT", "50051")),
+                   help="the ext_proc gRPC port; worker i of --workers listens on --port + i")
+    p.add_argument("--workers", type=_workers_arg, default=1, metavar="N",
+                   help="run N ext_proc processes (0 or 'auto': one per core) under a parent that restarts "
+                        "one that dies and forwards SIGTERM, SIGINT and SIGHUP; worker i uses --port + i, "
+                        "--admin-port + i and --metrics-port + i, each an endpoint of Envoy's ext_proc "
+                        "cluster (tollgate envoy-config --workers N lists them). Default 1: no parent")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)  # set by the --workers parent
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
     p.add_argument("--state-dir", default=os.environ.get("TOLLGATE_STATE_DIR", ".run/state"),
-                   help="local state that must survive a restart: the settle outbox (outbox.sqlite), "
+                   help="local state that must survive a restart: the settle outbox (outbox-<port>.sqlite), "
                         "the attribution record files (attribution/) and the admin access log "
-                        "(admin-access.jsonl)")
+                        "(admin-access.jsonl); the workers of --workers share it (files are per port)")
     p.add_argument("--drain-seconds", type=float, default=2.5,
                    help="on SIGTERM: keep taking new streams this long after reporting NOT_SERVING, until "
                         "Envoy's health check has taken this process out")
@@ -38,14 +45,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="where Envoy watches its provider clusters and routes (file-based xDS): rewritten "
                         "on each policy reload")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("TOLLGATE_METRICS_PORT", "9464")),
-                   help="Prometheus /metrics on loopback (0 = off)")
-    p.add_argument("--admin-port", type=int, default=int(os.environ.get("TOLLGATE_EXTPROC_ADMIN_PORT", "50052")),
-                   help="port of the admin API's gRPC server (Envoy transcodes it to JSON); 0 turns it off")
+                   help="Prometheus /metrics on loopback (0 = off); worker i: --metrics-port + i")
+    p.add_argument("--admin-port", type=int, default=_env_int("TOLLGATE_EXTPROC_ADMIN_PORT"),
+                   help="port of the admin API's gRPC server (Envoy transcodes it to JSON); 0 turns it off; "
+                        "worker i: --admin-port + i (default 50052 with one worker, else --port + N)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("run", help="run the whole local stack in the foreground (Ctrl-C stops it)")
     p.add_argument("--policies", default=DEFAULT_POLICIES)
     p.add_argument("--run-dir", default=".run")
+    p.add_argument("--workers", type=_workers_arg, default=os.environ.get("TOLLGATE_WORKERS", "auto"), metavar="N",
+                   help="ext_proc processes (default $TOLLGATE_WORKERS, else 'auto': one per core), on "
+                        "TOLLGATE_EXTPROC_PORT + i, TOLLGATE_EXTPROC_ADMIN_PORT + i, TOLLGATE_METRICS_PORT + i")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("check", help="validate a policy directory; exit 1 on any problem")
@@ -68,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="Envoy's admin API listener (JSON over HTTP, loopback)")
     p.add_argument("--extproc-admin-port", type=int, action="append",
                    help="the ext_proc admin gRPC port(s), one per --extproc-port (default 50052)")
+    p.add_argument("--workers", type=_workers_arg, metavar="N",
+                   help="list the N ports of `tollgate serve --workers N`: --extproc-port + i and "
+                        "--extproc-admin-port + i (default: 50052 for one, else --extproc-port + N); one of each at most")
     p.add_argument("--access-log", default="/dev/stdout")
     p.add_argument("--admin-access-log", default="/dev/stdout", help="Envoy's access log of the admin API listener")
     p.add_argument("--xds-dir", help="write the providers' clusters and routes there as file-based xDS (which "
@@ -120,6 +134,17 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser.parse_args(argv)
     args.func(args)
+
+
+def _workers_arg(text: str) -> int:
+    from .workers import parse_workers
+
+    return parse_workers(text)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def _load(policies: str):
@@ -185,7 +210,15 @@ def _prices(args: argparse.Namespace) -> None:
 
 def _serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from . import workers
+
+    if args.parent_pid:
+        workers.exit_with_parent(args.parent_pid)
     config = _load(args.policies)
+    if args.workers > 1:
+        sys.exit(workers.serve_workers(args, args.workers))
+    if args.admin_port is None:
+        args.admin_port = workers.DEFAULT_ADMIN_PORT
     try:
         import uvloop
 
@@ -201,7 +234,10 @@ def _serve(args: argparse.Namespace) -> None:
         state = Path(args.state_dir)
         # Records outlive the bounded Redis stream in rotated JSON-lines files, one writer per process.
         files = RotatingJsonlSink(state / "attribution", name=f"extproc-{args.port}")
-        gw = await build_gateway(config, redis_url=args.redis_url, outbox_path=state / "outbox.sqlite",
+        # The outbox too (outbox-<port>.sqlite), with the entries of outboxes no process holds.
+        outbox = workers.OutboxClaim(state, args.port)
+        outbox.adopt_orphans()
+        gw = await build_gateway(config, redis_url=args.redis_url, outbox_path=outbox.path,
                                  sink=tee(stdout_sink(), files), state_dir=state,
                                  xds_dir=Path(args.xds_dir) if args.xds_dir else None)
         loop = asyncio.get_running_loop()
@@ -232,6 +268,7 @@ def _serve(args: argparse.Namespace) -> None:
         sweep.cancel()
         watch.cancel()
         files.close()
+        outbox.close()
         if gauges is not None:
             gauges.cancel()
 
@@ -302,8 +339,19 @@ def _envoy_config(args: argparse.Namespace) -> None:
     from .envoy_config import EnvoyPorts, render
 
     config = _load(args.policies)
-    ports = EnvoyPorts(listen=args.listen_port, admin=args.admin_port, extproc=args.extproc_port or [50051],
-                       admin_api=args.admin_api_port, extproc_admin=args.extproc_admin_port or [50052],
+    extproc, extproc_admin = args.extproc_port or [50051], args.extproc_admin_port or [50052]
+    if args.workers is not None:  # the ports `serve --workers N --port P --admin-port A` listens on
+        from .workers import worker_ports
+
+        if len(extproc) > 1 or len(args.extproc_admin_port or []) > 1:
+            sys.exit("tollgate: with --workers, give the first worker's --extproc-port / --extproc-admin-port only")
+        try:
+            layout = worker_ports(args.workers, extproc[0], (args.extproc_admin_port or [None])[0])
+        except ValueError as e:
+            sys.exit(f"tollgate: {e}")
+        extproc, extproc_admin = [w.port for w in layout], [w.admin for w in layout]
+    ports = EnvoyPorts(listen=args.listen_port, admin=args.admin_port, extproc=extproc,
+                       admin_api=args.admin_api_port, extproc_admin=extproc_admin,
                        access_log=args.access_log, admin_access_log=args.admin_access_log,
                        xds_dir=str(Path(args.xds_dir).resolve()) if args.xds_dir else None)
     if args.xds_dir:
@@ -336,9 +384,16 @@ def _run(args: argparse.Namespace) -> None:
 
     _load(args.policies)
     redis_url = os.environ.get("REDIS_URL") or None
-    stack = Stack(Path(args.policies), Path(args.run_dir).resolve(), StackPorts.from_env(), redis_url=redis_url,
+    try:
+        ports = StackPorts.from_env(extproc_count=args.workers)
+    except ValueError as e:  # overlapping port ranges
+        _say(f"tollgate: {e}", err=True)
+        sys.exit(2)
+    stack = Stack(Path(args.policies), Path(args.run_dir).resolve(), ports, redis_url=redis_url,
                   extproc_stdout_to_terminal=True, should_stop=stop.requested)
-    _say(f"tollgate: starting Redis, fake provider, ext_proc and Envoy (logs in {stack.run_dir}/) ...")
+    n = len(ports.extproc)
+    _say(f"tollgate: starting Redis, fake provider, {n} ext_proc{'s' if n > 1 else ''} and Envoy "
+         f"(logs in {stack.run_dir}/) ...")
     try:
         try:
             stack.start()
@@ -350,6 +405,8 @@ def _run(args: argparse.Namespace) -> None:
             f"  policies:        {Path(args.policies).resolve()}\n"
             f"  redis:           {stack.redis_url}\n"
             f"  envoy admin:     http://127.0.0.1:{stack.ports.admin}\n"
+            f"  ext_procs:       {n} on ports {', '.join(map(str, ports.extproc))} "
+            f"(admin gRPC {', '.join(map(str, ports.extproc_admin))}; metrics {', '.join(map(str, ports.metrics))})\n"
             f"  admin API:       http://127.0.0.1:{stack.ports.admin_api}/admin/v1/budgets (JSON; see README)\n"
             f"  access log:      {stack.access_log}\n"
             f"  admin API logs:  {stack.envoy_admin_access_log} (Envoy), {stack.admin_access_log} (who read what)\n"

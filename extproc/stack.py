@@ -77,17 +77,26 @@ class StackPorts:
                    fake=free_port(), redis=free_port())
 
     @classmethod
-    def from_env(cls) -> "StackPorts":
+    def from_env(cls, extproc_count: int = 1) -> "StackPorts":
+        """`make run`'s ports. ext_proc i listens where `tollgate serve --workers N` would put its
+        worker i (extproc/workers.py worker_ports): TOLLGATE_EXTPROC_PORT + i, admin gRPC on
+        TOLLGATE_EXTPROC_ADMIN_PORT + i (unset: 50052 for one, else right after the ext_proc
+        ports), /metrics on TOLLGATE_METRICS_PORT + i. ValueError if the ranges overlap."""
+        from .workers import worker_ports
+
         env = os.environ.get
+        admin = env("TOLLGATE_EXTPROC_ADMIN_PORT")
+        layout = worker_ports(extproc_count, int(env("TOLLGATE_EXTPROC_PORT", "50051")),
+                              int(admin) if admin else None, int(env("TOLLGATE_METRICS_PORT", "9464")))
         return cls(
             listen=int(env("TOLLGATE_PORT", "8080")),
             admin=int(env("TOLLGATE_ADMIN_PORT", "9901")),
-            extproc=[int(env("TOLLGATE_EXTPROC_PORT", "50051"))],
+            extproc=[w.port for w in layout],
             fake=int(env("TOLLGATE_FAKE_PORT", "8091")),
             redis=int(env("TOLLGATE_REDIS_PORT", "6380")),
             admin_api=int(env("TOLLGATE_ADMIN_API_PORT", "8081")),
-            extproc_admin=[int(env("TOLLGATE_EXTPROC_ADMIN_PORT", "50052"))],
-            metrics=[int(env("TOLLGATE_METRICS_PORT", "9464"))],
+            extproc_admin=[w.admin for w in layout],
+            metrics=[w.metrics for w in layout],
         )
 
 

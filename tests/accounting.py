@@ -119,9 +119,12 @@ def live_leases(r: redis.Redis, prefix: str = "tollgate:") -> list[str]:
 
 
 def outbox_pending(path: Path | None) -> int:
-    """Settles waiting in an ext_proc's SQLite outbox (0 if it has none)."""
+    """Settles waiting in an ext_proc's SQLite outbox (0 if it has none); given a state directory,
+    in every worker's outbox there (`outbox-<port>.sqlite`, and a pre-workers `outbox.sqlite`)."""
     if path is None or not path.exists():
         return 0
+    if path.is_dir():
+        return sum(outbox_pending(f) for f in sorted(path.glob("outbox*.sqlite")))
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
         return int(db.execute("SELECT COUNT(*) FROM settles").fetchone()[0])

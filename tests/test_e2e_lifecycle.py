@@ -636,7 +636,7 @@ def test_redis_killed_under_load_settles_from_the_outbox(lc):
     restart_by_hand(lc, old)
     time.sleep(1.5)
     load.stop()
-    outbox = lc.run_dir / "state" / "outbox.sqlite"
+    outbox = lc.run_dir / "state"
     books, ledger = run.check(wait=15, outbox=outbox)
     tally = load.tally()
     queued = [x for x in attribution.records()
@@ -677,7 +677,7 @@ def test_no_503_once_redis_is_back(lc):
     load = Load(lc, 64, make, per_client=2)
     load.run()
     print(f"after the Redis restart: {load.tally()} {sorted(set(load.codes))}")
-    run.check(outbox=lc.run_dir / "state" / "outbox.sqlite")
+    run.check(outbox=lc.run_dir / "state")
     assert load.tally() == {200: 128}, (load.tally(), sorted(set(load.codes)))
 
 

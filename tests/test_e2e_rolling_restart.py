@@ -63,6 +63,6 @@ def test_a_rolling_restart_under_load_fails_no_request(two: Stack) -> None:
     print(f"rolling restart: {len(load.statuses)} requests, {tally}, errors {load.errors[:3]}; "
           f"drain+exit took {', '.join(f'{t:.1f}' for t in took)} s")
     assert not load.errors and set(tally) == {200}, (tally, sorted(set(load.codes))[:5], load.errors[:5])
-    books, ledger = run.check(wait=15, outbox=two.run_dir / "state" / "outbox.sqlite")
+    books, ledger = run.check(wait=15, outbox=two.run_dir / "state")
     recs = books.of(run.counter)
     assert len(recs) == len(load.statuses) == len(ledger), (len(recs), len(load.statuses), len(ledger))

@@ -357,7 +357,7 @@ def _tollgate_run(policy_dir: Path, idp, tmp_path: Path) -> Iterator[TollgateRun
         "TOLLGATE_REDIS_PORT": str(free_port()), "TOLLGATE_ADMIN_API_PORT": str(free_port()),
         "TOLLGATE_EXTPROC_ADMIN_PORT": str(free_port()), "TOLLGATE_METRICS_PORT": str(free_port()),
         "TOLLGATE_FAKE_KEY": FAKE_GATEWAY_KEY, "TEST_JWKS_PORT": str(idp.port),
-        "TOLLGATE_TEST_MARKER": marker,
+        "TOLLGATE_TEST_MARKER": marker, "TOLLGATE_WORKERS": "1",
     })
     run_dir, log = tmp_path / "run", tmp_path / "tollgate.out"
     with open(log, "wb") as f:
