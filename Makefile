@@ -9,22 +9,20 @@ PY := $(VENV)/bin/python
 POLICIES ?= $(or $(TOLLGATE_POLICIES),policies)
 export TOLLGATE_POLICIES := $(POLICIES)
 
-.PHONY: run test bench install redis-server redis-binary check clean
+.PHONY: run test bench install redis-server redis-binary wrk-binary check clean
 
 run: install redis-server
 	$(PY) -m extproc.cli run --policies $(POLICIES)
 
-# The tests start their own Redis on free ports, so they need the binary even when REDIS_URL is set.
-test: install redis-binary
+# The tests start their own Redis on free ports, so they need the binary even when REDIS_URL is set;
+# and wrk for the benchmark's smoke run (tests/test_bench_quick.py).
+test: install redis-binary wrk-binary
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Tollgate's throughput and latency against plain Envoy (tests/bench.py); needs Debian's wrk.
-bench: install redis-binary
-	@if ! command -v wrk >/dev/null 2>&1; then \
-	  echo "wrk not found: installing the Debian package"; \
-	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk; \
-	fi
+# Tollgate's throughput, latency, CPU and memory against plain Envoy and a no-op ext_proc, in one
+# run (tests/bench.py, ~2.5 min on 2 cores); needs Debian's wrk. BENCH_ARGS="--long" adds the
+# 100,000-request memory run, BENCH_ARGS="--quick" is the test suite's smoke run (~30 s).
+bench: install redis-binary wrk-binary
 	$(PY) -m tests.bench $(BENCH_ARGS)
 
 check: install
@@ -50,6 +48,12 @@ redis-binary:
 	echo "redis-server not found: installing the Debian package"; \
 	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server
+
+wrk-binary:
+	@if command -v wrk >/dev/null 2>&1; then exit 0; fi; \
+	echo "wrk not found: installing the Debian package"; \
+	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk
 
 clean:
 	rm -rf .run .pytest_cache
