@@ -98,12 +98,12 @@ class Gateway:
                 return None
             if config.digest == old.digest:
                 return False
-            new = old.succeeded_by(config, redis=self.redis, outbox=self.outbox, metrics=self.metrics)
             if self.xds_dir is not None:
                 # Envoy must know a new provider before a request is routed there, and keep a
                 # removed one until no request of the old policy can still be: both first.
                 if await asyncio.to_thread(_write_xds, config, self.xds_dir, old.config):
                     await asyncio.sleep(XDS_PICKUP_SECONDS)
+            new = old.succeeded_by(config, redis=self.redis, outbox=self.outbox, metrics=self.metrics)
             self.runtime = new
             old.retire()
             self.metrics.policy_loaded(config.digest, new.loaded_at)

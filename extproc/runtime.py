@@ -53,6 +53,7 @@ class Runtime:
     _holders: int = 0
     _retired: bool = False
     _closing: "asyncio.Task[None] | None" = None
+    _closed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def build(cls, config: Config, *, redis: "aioredis.Redis | None", outbox: "Outbox | None", metrics: "Metrics",
@@ -88,12 +89,18 @@ class Runtime:
 
     def _close_soon(self) -> None:
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self.close())
+            self._closing = asyncio.get_running_loop().create_task(self._close_then_signal())
+
+    async def _close_then_signal(self) -> None:
+        try:
+            await self.close()
+        finally:
+            self._closed.set()
 
     async def closed(self) -> None:
-        """Wait until a retired runtime has closed (tests, shutdown)."""
-        if self._closing is not None:
-            await self._closing
+        """Wait until this runtime, retired, has seen its last request end and has closed (the
+        xDS narrowing after a reload, shutdown): while requests still hold it, this waits."""
+        await self._closed.wait()
 
     def succeeded_by(self, config: Config, **parts: Any) -> "Runtime":
         """The runtime for `config`, to replace this one. An unchanged identity section keeps

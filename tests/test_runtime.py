@@ -95,3 +95,19 @@ def test_an_unchanged_identity_section_keeps_its_sources(tmp_path: Path) -> None
         assert closed == [1]
 
     asyncio.run(main())
+
+
+def test_closed_waits_for_the_last_request_of_a_retired_runtime(tmp_path: Path) -> None:
+    """What the xDS narrowing after a reload waits on: retired while a request still holds it,
+    `closed()` returns only after that request has ended."""
+    async def main() -> None:
+        rt = Runtime.build(load_config(_dir(tmp_path)), redis=None, outbox=None, metrics=Metrics())
+        held = rt.hold()
+        rt.retire()
+        waiter = asyncio.ensure_future(rt.closed())
+        await asyncio.sleep(0.05)
+        assert not waiter.done(), "closed() returned while a request still held the runtime"
+        held.release()
+        await asyncio.wait_for(waiter, 5)
+
+    asyncio.run(main())
