@@ -109,7 +109,7 @@ def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict
     extproc["load_assignment"]["endpoints"][0]["lb_endpoints"] = [_endpoint("127.0.0.1", p) for p in ports.extproc]
     admin = next(c for c in res["clusters"] if c["name"] == "tollgate_admin")
     admin["load_assignment"]["endpoints"][0]["lb_endpoints"] = [_endpoint("127.0.0.1", p) for p in ports.extproc_admin]
-    extproc["circuit_breakers"] = _circuit_breakers(config.gateway.limits.max_concurrent_requests)
+    extproc["circuit_breakers"] = _plain(_circuit_breakers(config.gateway.limits.max_concurrent_requests))
     if ports.xds_dir is None:
         hcm = res["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         del hcm["rds"]
@@ -119,13 +119,19 @@ def render(config: Config, ports: EnvoyPorts, template: Path = TEMPLATE) -> dict
     return boot
 
 
-def _circuit_breakers(limit: int) -> dict[str, Any]:
+def _circuit_breakers(limit: int) -> Any:
     """Envoy's defaults (1,024 connections, pending and concurrent requests per cluster) would fail
     every client with a 500 or 503 once 1,024 requests are in flight, however they are spread; the
     policy's gateway.limits.max_concurrent_requests says how many the gateway serves, and the
-    per-identity cap keeps one client from taking them all."""
-    return {"thresholds": [{"priority": "DEFAULT", "max_connections": limit, "max_pending_requests": limit,
-                            "max_requests": limit, "max_retries": 3}]}
+    per-identity cap keeps one client from taking them all. For the ext_proc cluster and every
+    provider cluster."""
+    import_types()
+    from envoy_data_plane.envoy.config.cluster.v3 import CircuitBreakers, CircuitBreakersThresholds
+    from envoy_data_plane.envoy.config.core.v3 import RoutingPriority
+
+    return CircuitBreakers(thresholds=[CircuitBreakersThresholds(
+        priority=RoutingPriority.DEFAULT, max_connections=limit, max_pending_requests=limit,
+        max_requests=limit, max_retries=3)])
 
 
 def write(config: Config, ports: EnvoyPorts, out: Path) -> Path:
@@ -217,11 +223,9 @@ def _route(name: str, p: Provider, timeout: Any) -> Any:
 
 
 def _cluster(name: str, p: Provider, limit: int) -> Any:
-    from envoy_data_plane.envoy.config.cluster.v3 import (
-        CircuitBreakers, CircuitBreakersThresholds, Cluster, ClusterDiscoveryType, ClusterDnsLookupFamily)
+    from envoy_data_plane.envoy.config.cluster.v3 import Cluster, ClusterDiscoveryType, ClusterDnsLookupFamily
     from envoy_data_plane.envoy.config.core.v3 import (
-        Address, DataSource, Http1ProtocolOptions, Http2ProtocolOptions, RoutingPriority, SocketAddress,
-        TransportSocket)
+        Address, DataSource, Http1ProtocolOptions, Http2ProtocolOptions, SocketAddress, TransportSocket)
     from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
     from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
         CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, SubjectAltNameMatcherSanType,
@@ -239,10 +243,7 @@ def _cluster(name: str, p: Provider, limit: int) -> Any:
         connect_timeout=_duration(p.connect_timeout_seconds),
         load_assignment=ClusterLoadAssignment(cluster_name=cluster_name(name),
                                               endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]),
-        # Envoy's defaults would cap every provider at 1,024 requests in flight; see _circuit_breakers.
-        circuit_breakers=CircuitBreakers(thresholds=[CircuitBreakersThresholds(
-            priority=RoutingPriority.DEFAULT, max_connections=limit, max_pending_requests=limit,
-            max_requests=limit, max_retries=3)]),
+        circuit_breakers=_circuit_breakers(limit),
     )
     if p.tls:
         tls = UpstreamTlsContext(

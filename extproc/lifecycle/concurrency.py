@@ -55,9 +55,6 @@ class ConcurrencyCap:
         self._held[key] = held + 1
         return Slot(self, key)
 
-    def held(self, identity: Identity) -> int:
-        return self._held.get(f"{identity.source}\0{identity.user}", 0)
-
     def _release(self, key: str) -> None:
         n = self._held.get(key, 0) - 1
         if n > 0:
