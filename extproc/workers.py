@@ -175,34 +175,14 @@ def _lock(path: Path, wait: float) -> int | None:
 
 
 def _move_entries(src: Path, dest: Path) -> int:
-    """Copy src's settles into dest (one fsync'd commit), then delete the copied ones from src.
-
-    The schema is extproc/budgets/outbox.py's (`settles(id, call)`); entries added to src meanwhile
-    have higher ids and stay."""
+    """Move src's settles into dest (extproc/budgets/outbox.py owns the file's schema)."""
     from .budgets.outbox import Outbox
 
-    s = sqlite3.connect(f"file:{src}?mode=rw", uri=True, timeout=5.0, isolation_level=None)
+    d = Outbox(dest)
     try:
-        try:
-            rows = s.execute("SELECT id, call FROM settles ORDER BY id").fetchall()
-        except sqlite3.OperationalError:  # created but no table yet
-            return 0
-        if not rows:
-            return 0
-        Outbox(dest).close()  # creates the file and its table (WAL), as the gateway will open it
-        d = sqlite3.connect(str(dest), timeout=5.0, isolation_level=None)
-        try:
-            d.execute("PRAGMA synchronous=FULL")
-            d.execute("BEGIN IMMEDIATE")
-            d.executemany("INSERT INTO settles (call) VALUES (?)", [(call,) for _, call in rows])
-            d.execute("COMMIT")
-        finally:
-            d.close()
-        s.execute("PRAGMA synchronous=FULL")
-        s.execute("DELETE FROM settles WHERE id <= ?", (rows[-1][0],))
-        return len(rows)
+        return d.absorb(src)
     finally:
-        s.close()
+        d.close()
 
 
 # ---- the parent -----------------------------------------------------------------------------------

@@ -69,6 +69,33 @@ class Outbox:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM settles").fetchone()[0])
 
+    def absorb(self, src: Path) -> int:
+        """Move another outbox file's entries into this one: copied in one committed transaction,
+        then deleted from `src` (entries added to `src` meanwhile have higher ids and stay). A
+        crash between the two leaves them in both, and a settle replayed twice is harmless.
+        Returns how many moved."""
+        s = sqlite3.connect(f"file:{src}?mode=rw", uri=True, timeout=5.0, isolation_level=None)
+        try:
+            try:
+                rows = s.execute("SELECT id, call FROM settles ORDER BY id").fetchall()
+            except sqlite3.OperationalError:  # created but no table yet
+                return 0
+            if not rows:
+                return 0
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.executemany("INSERT INTO settles (call) VALUES (?)", [(call,) for _, call in rows])
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            s.execute("PRAGMA synchronous=FULL")
+            s.execute("DELETE FROM settles WHERE id <= ?", (rows[-1][0],))
+            return len(rows)
+        finally:
+            s.close()
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
