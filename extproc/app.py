@@ -84,8 +84,17 @@ class Gateway:
 
     async def reload(self, why: str = "files changed") -> bool | None:
         """Load the policy directory again and swap in a new runtime: True if swapped, False if
-        nothing changed, None if the new files are invalid (the running policy stays, the error
-        is logged with its file:line and counted in tollgate_policy_reload_errors_total)."""
+        nothing changed, None if the new files are invalid or the reload failed (the running
+        policy stays, the error is logged, with its file:line for a policy error, and counted in
+        tollgate_policy_reload_errors_total). Never raises: the watcher and SIGHUP both call it."""
+        try:
+            return await self._reload(why)
+        except Exception:
+            log.exception("policy reload (%s) failed; still serving the running policy", why)
+            self.metrics.policy_reload_failed()
+            return None
+
+    async def _reload(self, why: str) -> bool | None:
         async with self._reloading:
             old = self.runtime
             started = time.perf_counter()
@@ -129,11 +138,7 @@ class Gateway:
             now = _fingerprint(self.config.source)
             if now != seen:
                 seen = now
-                try:
-                    await self.reload()
-                except Exception:
-                    log.exception("policy reload failed; still serving the running policy")
-                    self.metrics.policy_reload_failed()
+                await self.reload()
 
     async def sweep_leases(self, interval: float = 10.0) -> None:
         """Every `interval` s, charge leases that expired on idle counters (see
