@@ -22,7 +22,6 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,7 @@ from .attrs import where_matches
 from .budgets import BudgetEngine, StoreError
 from .budgets import replies as budget_replies
 from .budgets.match import limit_source
-from .budgets.money import NANO_PER_USD
+from .budgets.money import usd_exact
 from .errors import GatewayError
 from .policy_yaml import PolicyError, SourceMap, load_yaml
 from .providers import api_for_path
@@ -55,10 +54,8 @@ Attrs = dict[str, "str | list[str]"]
 # ---- small helpers ------------------------------------------------------------------------------
 
 def usd(nusd: int | None) -> str | None:
-    """Exact decimal dollars from nano-dollars: 2620000 -> "0.00262", 0 -> "0"."""
-    if nusd is None:
-        return None
-    return format((Decimal(int(nusd)) / Decimal(NANO_PER_USD)).normalize(), "f")
+    """Exact decimal dollars (budgets/money.py `usd_exact`), None for an unknown amount."""
+    return None if nusd is None else usd_exact(nusd)
 
 
 def parse_as(items: Sequence[str]) -> Attrs:

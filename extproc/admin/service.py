@@ -20,7 +20,6 @@ import datetime as dt
 import logging
 import math
 from collections.abc import Callable, Mapping
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -28,6 +27,7 @@ import grpc
 from ..attrs import where_matches
 from ..budgets import BudgetStatus, StoreError
 from ..budgets import replies as budget_replies
+from ..budgets.money import usd_exact as usd
 from ..errors import GatewayError
 from ..identity import AuthError, Identity
 from ..providers import api_for_path
@@ -47,11 +47,6 @@ log = logging.getLogger("tollgate.admin")
 USAGE_DIMENSIONS = ("user", "team", "app", "group", "model", "provider", "service_token")
 MAX_USAGE_DAYS = 400
 DEFAULT_PATH = "/v1/chat/completions"
-
-
-def usd(nusd: int) -> str:
-    """Exact decimal dollars from nano-dollars: 210000 -> "0.00021", 0 -> "0"."""
-    return format((Decimal(int(nusd)) / Decimal(10**9)).normalize(), "f")
 
 
 def counter_pb(st: BudgetStatus) -> pb.BudgetCounter:

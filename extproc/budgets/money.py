@@ -12,6 +12,12 @@ def usd_to_nusd(x: float | int | str | Decimal) -> int:
     return int((Decimal(str(x)) * NANO_PER_USD).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
+def usd_exact(nusd: int) -> str:
+    """Exact decimal dollars from nano-USD, for reports and the admin API: 210000 -> "0.00021",
+    0 -> "0" (no float on the way)."""
+    return format((Decimal(int(nusd)) / Decimal(NANO_PER_USD)).normalize(), "f")
+
+
 def nusd_to_usd(n: int) -> float:
     """Nano-USD to dollars, for display and headers only (never for accounting)."""
     return n / NANO_PER_USD
