@@ -201,9 +201,13 @@ def _prices(args: argparse.Namespace) -> None:
         rows.append({"model": name, "input": p.input, "cached_input": p.cached_input, "cache_write": p.cache_write,
                      "cache_write_long": p.cache_write_long, "output": p.output,
                      "long_context": f">{lc.above_input_tokens}: {lc.input}/{lc.output}" if lc else None,
+                     "tiers": "; ".join(f"{t} {r.input}/{r.output}" for t, r in p.tiers.items()) or None,
+                     "inference_geo": "; ".join(f"{g} x{m}" for g, m in p.inference_geo.items()) or None,
+                     "audio": f"{p.audio_input}/{p.audio_output}" if p.audio_input or p.audio_output else None,
+                     "image": f"{p.image_input}/{p.image_output}" if p.image_input or p.image_output else None,
                      "effective": p.effective, "until": p.until, "checked": p.checked})
     columns = ["model", "input", "cached_input", "cache_write", "cache_write_long", "output", "long_context",
-               "effective", "until", "checked"]
+               "tiers", "inference_geo", "audio", "image", "effective", "until", "checked"]
     tools = ", ".join(f"{k} ${v}" for k, v in config.prices.tools.items())
     print(render(rows, columns, args.format, title=f"USD per million tokens in force on {at} (tools per call: {tools})"))
 

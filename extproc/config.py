@@ -160,6 +160,23 @@ class BoundsSection(_Strict):
     stateful_input_tokens: int = Field(
         default=400_000, ge=0, description="input tokens the stored context of previous_response_id / conversation "
                                            "may bill (Responses API)")
+    image_output_tokens: int = Field(
+        default=16_384, ge=0, description="image output tokens each call of an image generation tool may bill, at "
+                                          "the image model's rates (the body does not say how large the image is)")
+    default_service_tier: str = Field(
+        default="standard", min_length=1,
+        description="the OpenAI rate tier a request that sets no service_tier (or `auto`) is billed at: your "
+                    "project's setting (`standard`, `flex` or `priority`)")
+    default_inference_geo: str = Field(
+        default="global", min_length=1,
+        description="where an Anthropic request that sets no inference_geo runs: your workspace's default")
+    unpriced_tier_multiplier: Decimal = Field(
+        default=Decimal(2), ge=1, description="a request for a rate tier (service_tier, speed) the price table has no "
+                                              "rates for is bounded at the standard rates times this")
+    unbounded: Literal["allow", "refuse"] = Field(
+        default="allow", description="a request whose worst case rests on an allowance above (no upper bound in the "
+                                     "body): `allow` admits it with the stated allowance, `refuse` answers 400 "
+                                     "(docs/pricing.md lists every case)")
 
 
 class LimitsSection(_Strict):

@@ -14,14 +14,42 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import ROUND_CEILING, Decimal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 NANO_PER_USD = 1_000_000_000
 _NANO_PER_TOKEN_PER_USD_PER_M = Decimal(1000)  # 1 USD/M tokens = 1000 nano-USD per token
 
 
-TOOL_KINDS = ("web_search", "web_fetch", "file_search", "code_interpreter", "image_generation")
-"""Server-side tools a provider charges per call (besides the tokens their results add)."""
+TOOL_KINDS = ("web_search", "web_fetch", "file_search", "code_interpreter", "image_generation", "shell")
+"""Server-side tools a provider charges per call (besides the tokens their results add); `code_interpreter`
+and `shell` (hosted shell) are billed per container session."""
+
+STANDARD_TIER = "standard"
+"""The rate tier a row's own rates are: OpenAI `service_tier: default`, Anthropic `speed: standard`."""
+
+
+@dataclass(slots=True)
+class ImageGenUsage:
+    """Image generation tokens of one response (OpenAI `Response.tool_usage.image_gen`), billed at
+    the image model's own rates: text and image input, their cached reads, image and text output.
+    Each field excludes the others (cached reads are taken out of the input they were part of)."""
+
+    model: str
+    text_input_tokens: int = 0
+    image_input_tokens: int = 0
+    cached_text_input_tokens: int = 0
+    cached_image_input_tokens: int = 0
+    image_output_tokens: int = 0
+    text_output_tokens: int = 0
+
+    @property
+    def input_tokens(self) -> int:
+        return (self.text_input_tokens + self.image_input_tokens + self.cached_text_input_tokens
+                + self.cached_image_input_tokens)
+
+    @property
+    def output_tokens(self) -> int:
+        return self.image_output_tokens + self.text_output_tokens
 
 
 @dataclass(slots=True)
@@ -35,7 +63,16 @@ class Usage:
     OpenAI 12 hours) in `cache_write_long_tokens`. `reasoning_tokens` are part of
     `output_tokens` (billed as output), kept apart for the record. `tool_calls` counts per-call
     priced server tools by kind (TOOL_KINDS). `other_models` holds usage billed at another
-    model's rates inside the same response (Anthropic advisor iterations), as (model, Usage).
+    model's rates inside the same response (Anthropic advisor iterations, the hops of a
+    server-side fallback, SVG authoring), as (model, Usage).
+
+    `audio_input_tokens` / `audio_output_tokens` are the audio part of `input_tokens` /
+    `output_tokens`, priced at the row's audio rates instead of its text ones. `image_gen` is what
+    an image generation tool billed at the image model's rates. `tier` is the rate tier the
+    provider says it billed (OpenAI `service_tier`, Anthropic `speed`; STANDARD_TIER for the row's
+    own rates) and `inference_geo` where it ran (Anthropic: `us` costs more on the models the
+    table says); None means the response did not say, and the rates the request was admitted at
+    apply. `fallback_credit` is Anthropic's `usage.fallback_credit.status.type`, for the record.
     """
 
     input_tokens: int = 0
@@ -46,10 +83,24 @@ class Usage:
     reasoning_tokens: int = 0
     tool_calls: dict[str, int] = field(default_factory=dict)
     other_models: list[tuple[str, "Usage"]] = field(default_factory=list)
+    audio_input_tokens: int = 0
+    audio_output_tokens: int = 0
+    image_gen: list[ImageGenUsage] = field(default_factory=list)
+    tier: str | None = None
+    inference_geo: str | None = None
+    fallback_credit: str | None = None
 
     @property
     def total_input_tokens(self) -> int:
         return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens + self.cache_write_long_tokens
+
+    @property
+    def image_gen_input_tokens(self) -> int:
+        return sum(i.input_tokens for i in self.image_gen)
+
+    @property
+    def image_gen_output_tokens(self) -> int:
+        return sum(i.output_tokens for i in self.image_gen)
 
     def add(self, other: "Usage") -> None:
         """Add another usage billed at the same model's rates (e.g. an Anthropic compaction iteration)."""
@@ -59,9 +110,38 @@ class Usage:
         self.cache_write_long_tokens += other.cache_write_long_tokens
         self.output_tokens += other.output_tokens
         self.reasoning_tokens += other.reasoning_tokens
+        self.audio_input_tokens += other.audio_input_tokens
+        self.audio_output_tokens += other.audio_output_tokens
         for k, n in other.tool_calls.items():
             self.tool_calls[k] = self.tool_calls.get(k, 0) + n
         self.other_models.extend(other.other_models)
+        self.image_gen.extend(other.image_gen)
+
+    def take(self, other: "Usage") -> None:
+        """Remove the tokens of `other` (billed elsewhere, e.g. at another model's rates), never below 0."""
+        for f in ("input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_long_tokens",
+                  "output_tokens"):
+            setattr(self, f, max(0, getattr(self, f) - getattr(other, f)))
+        self.reasoning_tokens = min(self.reasoning_tokens, self.output_tokens)
+
+
+_RATE_FIELDS = ("input", "output", "cached_input", "cache_write", "cache_write_long", "audio_input", "audio_output",
+                "image_input", "cached_image_input", "image_output")
+
+
+class TierPrice(BaseModel):
+    """A model's rates in another rate tier (OpenAI `flex` / `priority`, Anthropic fast mode):
+    they replace the row's own; a rate left out defaults as the row's header says, from these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)
+    cache_write_long: Decimal | None = Field(default=None, ge=0)
+    long_context: "LongContextPrice | None" = Field(
+        default=None, description="this tier past a prompt-size threshold; none = the row's own long_context")
 
 
 class ModelPrice(BaseModel):
@@ -81,9 +161,97 @@ class ModelPrice(BaseModel):
                                    "cut before its usage is charged its output cap, not the deltas seen")
     long_context: "LongContextPrice | None" = Field(
         default=None, description="the rates of the whole request once its input passes a threshold")
+    audio_input: Decimal | None = Field(default=None, ge=0, description="audio input tokens; defaults to `input`")
+    audio_output: Decimal | None = Field(default=None, ge=0, description="audio output tokens; defaults to `output`")
+    image_input: Decimal | None = Field(
+        default=None, ge=0, description="image models: image input tokens (`input` is text); defaults to `input`")
+    cached_image_input: Decimal | None = Field(
+        default=None, ge=0, description="image models: cached image input; defaults to `cached_input`")
+    image_output: Decimal | None = Field(
+        default=None, ge=0, description="image models: image output tokens (`output` is text); defaults to `output`")
+    tiers: dict[str, TierPrice] = Field(
+        default_factory=dict, description="rate tier name (OpenAI service_tier `flex` / `priority`, Anthropic speed "
+                                          "`fast`) -> its rates, which replace the row's own")
+    inference_geo: dict[str, Decimal] = Field(
+        default_factory=dict, description="where inference runs (Anthropic `us`) -> multiplier on every rate")
     effective: date | None = Field(default=None, description="first day (UTC) these rates apply; none = always")
     until: date | None = Field(default=None, description="last day (UTC) they apply, e.g. an introductory price")
     checked: date | None = Field(default=None, description="when someone last checked them against the provider")
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_names(cls, v: dict[str, TierPrice]) -> dict[str, TierPrice]:
+        if STANDARD_TIER in v or "default" in v:
+            raise ValueError(f"`{STANDARD_TIER}` / `default` are the row's own rates, not a tier")
+        return v
+
+    @field_validator("inference_geo")
+    @classmethod
+    def _multipliers(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        if any(m <= 0 for m in v.values()):
+            raise ValueError("an inference_geo multiplier must be positive")
+        return v
+
+    _variants: dict[tuple[str | None, str | None], "ModelPrice"] = PrivateAttr(default_factory=dict)
+    _base: "ModelPrice | None" = PrivateAttr(default=None)
+    _tier: str | None = PrivateAttr(default=None)
+    _geo: str | None = PrivateAttr(default=None)
+    _priced: bool = PrivateAttr(default=True)
+
+    def rates(self, tier: str | None = None, geo: str | None = None) -> "ModelPrice":
+        """These rates in rate tier `tier` (None: the one these already are, the row's own for a
+        row) for inference in `geo` (None: likewise). A tier the row does not price, and a geo
+        it names no multiplier for, leave its own rates (`priced` says whether the tier was found)."""
+        base = self._base or self
+        tier = self._tier if tier is None else tier
+        geo = self._geo if geo is None else geo
+        if tier == STANDARD_TIER:
+            tier = None
+        if tier is None and geo is None:
+            return base
+        key = (tier, geo)
+        found = base._variants.get(key)
+        if found is not None:
+            return found
+        update: dict[str, object] = {"tiers": {}, "inference_geo": {}}
+        t = base.tiers.get(tier) if tier is not None else None
+        if t is not None:
+            update.update({f: getattr(t, f) for f in ("input", "output", "cached_input", "cache_write",
+                                                      "cache_write_long")})
+            if t.long_context is not None:
+                update["long_context"] = t.long_context
+        mult = base.inference_geo.get(geo) if geo is not None else None
+        p = base.model_copy(update=update)
+        if mult is not None:
+            p = p._scaled(mult)
+        p._base, p._tier, p._geo, p._priced = base, tier, geo, tier is None or t is not None
+        if len(base._variants) < 64:
+            base._variants[key] = p
+        return p
+
+    @property
+    def tier_name(self) -> str | None:
+        """The rate tier these rates are (None: the row's own)."""
+        return self._tier
+
+    @property
+    def tier_priced(self) -> bool:
+        """False when these are a tier the row has no rates for (its own rates stand in)."""
+        return self._priced
+
+    def _scaled(self, m: Decimal) -> "ModelPrice":
+        """Every rate times `m` (long-context ones too): a data-residency multiplier."""
+        update: dict[str, object] = {f: getattr(self, f) * m for f in _RATE_FIELDS if getattr(self, f) is not None}
+        if self.long_context is not None:
+            update["long_context"] = self.long_context._scaled(m)
+        return self.model_copy(update=update)
+
+    def unpriced_scaled(self, m: Decimal) -> "ModelPrice":
+        """A stand-in for a rate tier the table has no rates for: these rates times `m` (the
+        policy's stated allowance), for the worst case only."""
+        p = self._scaled(m)
+        p._base, p._tier, p._geo, p._priced = self._base or self, self._tier, self._geo, False
+        return p
 
     def in_force(self, day: date) -> bool:
         return (self.effective is None or self.effective <= day) and (self.until is None or day <= self.until)
@@ -101,29 +269,51 @@ class ModelPrice(BaseModel):
     def _cache_write_long(self) -> Decimal:
         return self._cache_write if self.cache_write_long is None else self.cache_write_long
 
+    @property
+    def _cached_input(self) -> Decimal:
+        return self.input if self.cached_input is None else self.cached_input
+
     def cost_nusd(self, usage: Usage) -> int:
-        """Exact token cost of `usage` at this model's rates, rounded up to a whole nano-USD
-        (per-call tool fees and other models' usage are added by PriceTable.cost_nusd)."""
-        return _nusd(self._usd_m(usage))
+        """Exact token cost of `usage` at this model's rates (in the tier and geo it says it was
+        billed at), rounded up to a whole nano-USD (per-call tool fees, image generation and other
+        models' usage are added by PriceTable.cost_nusd)."""
+        return _nusd(self.rates(usage.tier, usage.inference_geo)._usd_m(usage))
 
     def _usd_m(self, usage: Usage) -> Decimal:
         p = self.tier(usage.total_input_tokens)
         if p is not self:
             return p._usd_m(usage)
+        audio_in = min(usage.audio_input_tokens, usage.input_tokens)
+        audio_out = min(usage.audio_output_tokens, usage.output_tokens)
         return (
-            usage.input_tokens * self.input
-            + usage.cached_input_tokens * (self.input if self.cached_input is None else self.cached_input)
+            (usage.input_tokens - audio_in) * self.input
+            + audio_in * (self.input if self.audio_input is None else self.audio_input)
+            + usage.cached_input_tokens * self._cached_input
             + usage.cache_write_tokens * self._cache_write
             + usage.cache_write_long_tokens * self._cache_write_long
-            + usage.output_tokens * self.output
+            + (usage.output_tokens - audio_out) * self.output
+            + audio_out * (self.output if self.audio_output is None else self.audio_output)
         )
+
+    def _image_usd_m(self, ig: ImageGenUsage) -> Decimal:
+        """An image generation tool's tokens at this (image) model's rates: `input` / `cached_input`
+        are its text rates, `image_input` / `cached_image_input` / `image_output` its image ones."""
+        image_in = self.input if self.image_input is None else self.image_input
+        cached_image = self._cached_input if self.cached_image_input is None else self.cached_image_input
+        return (ig.text_input_tokens * self.input + ig.cached_text_input_tokens * self._cached_input
+                + ig.image_input_tokens * image_in + ig.cached_image_input_tokens * cached_image
+                + ig.image_output_tokens * (self.output if self.image_output is None else self.image_output)
+                + ig.text_output_tokens * self.output)
 
     def worst_case_nusd(self, input_tokens: int, output_tokens: int) -> int:
         """Upper bound: every input token at the dearest input rate of the tier this many input
-        tokens fall in, every output token paid."""
+        tokens fall in (cache writes, audio and image input included), every output token at the
+        dearest output rate (audio or image output where the row has one)."""
         p = self.tier(input_tokens)
-        dearest_in = max(p.input, p._cache_write, p._cache_write_long)
-        return _nusd(input_tokens * dearest_in + output_tokens * p.output)
+        dearest_in = max([p.input, p._cache_write, p._cache_write_long,
+                          *(r for r in (self.audio_input, self.image_input) if r is not None)])
+        dearest_out = max([p.output, *(r for r in (self.audio_output, self.image_output) if r is not None)])
+        return _nusd(input_tokens * dearest_in + output_tokens * dearest_out)
 
 
 class LongContextPrice(ModelPrice):
@@ -132,7 +322,15 @@ class LongContextPrice(ModelPrice):
 
     above_input_tokens: int = Field(gt=0)
 
+    @model_validator(mode="after")
+    def _plain(self) -> "LongContextPrice":
+        if self.tiers or self.inference_geo:
+            raise ValueError("a long_context tier takes rates only: put `tiers` / `inference_geo` on the row "
+                             "(a rate tier may have its own long_context)")
+        return self
 
+
+TierPrice.model_rebuild()
 ModelPrice.model_rebuild()
 
 
@@ -165,13 +363,25 @@ class PriceTable:
         return _nusd(self._tools_usd_m(calls))
 
     def cost_nusd(self, price: ModelPrice, usage: Usage) -> int:
-        """What the provider bills for `usage`: its tokens at `price`, per-call tool fees from the
-        table, and usage billed at other models' rates at theirs (an unpriced one at `price`'s:
-        never $0). One rounding, up, at the end."""
-        usd_m = price._usd_m(usage) + self._tools_usd_m(usage.tool_calls)
+        """What the provider bills for `usage`: its tokens at `price` in the rate tier and geo the
+        usage says (else those `price` already is), per-call tool fees from the table, image
+        generation at the image model's rates, and usage billed at other models' rates at theirs
+        (an unpriced one at `price`'s: never $0; in the same geo, and in the same tier where that
+        model has it). One rounding, up, at the end."""
+        p = price.rates(usage.tier, usage.inference_geo)
+        usd_m = p._usd_m(usage) + self._tools_usd_m(usage.tool_calls)
         for model, u in usage.other_models:
-            usd_m += (self.lookup(model) or price)._usd_m(u)
+            usd_m += self._other(model, p, u)._usd_m(u)
+        for ig in usage.image_gen:
+            usd_m += (self.lookup(ig.model) or p).rates(STANDARD_TIER)._image_usd_m(ig)
         return _nusd(usd_m)
+
+    def _other(self, model: str, main: ModelPrice, u: Usage) -> ModelPrice:
+        other = self.lookup(model)
+        if other is None:
+            return main
+        tier = u.tier if u.tier is not None else (main.tier_name if main.tier_name in other.tiers else STANDARD_TIER)
+        return other.rates(tier, u.inference_geo if u.inference_geo is not None else main._geo)
 
     def __contains__(self, model: str) -> bool:
         return self.lookup(model) is not None

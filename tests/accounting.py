@@ -260,14 +260,28 @@ class Prices:
                 if not live:
                     continue
                 entry = live[0]
-            rates: dict[str, Any] = {k: Decimal(str(v)) for k, v in entry.items() if isinstance(v, (int, float))
-                                     and not isinstance(v, bool)}
-            if isinstance(entry.get("long_context"), dict):  # the rates past a prompt-size threshold
-                rates["long_context"] = {k: Decimal(str(v)) for k, v in entry["long_context"].items()}
+            rates = self._rates(entry)
+            # rate tiers (`service_tier` flex / priority, Anthropic speed fast): their own rates,
+            # the row's long-context tier unless they give one; inference_geo: a multiplier
+            rates["tiers"] = {}
+            for tier, t in (entry.get("tiers") or {}).items():
+                tr = self._rates(t)
+                if "long_context" not in tr and "long_context" in rates:
+                    tr["long_context"] = rates["long_context"]
+                rates["tiers"][tier] = tr
+            rates["geo"] = {g: Decimal(str(m)) for g, m in (entry.get("inference_geo") or {}).items()}
             if any(ch in name for ch in "*?["):
                 self._globs.append((name, rates))
             else:
                 self._exact[name] = rates
+
+    @staticmethod
+    def _rates(entry: Mapping[str, Any]) -> dict[str, Any]:
+        rates: dict[str, Any] = {k: Decimal(str(v)) for k, v in entry.items() if isinstance(v, (int, float))
+                                 and not isinstance(v, bool)}
+        if isinstance(entry.get("long_context"), dict):  # the rates past a prompt-size threshold
+            rates["long_context"] = {k: Decimal(str(v)) for k, v in entry["long_context"].items()}
+        return rates
 
     def rates(self, model: str) -> dict[str, Decimal]:
         if model in self._exact:
@@ -278,16 +292,36 @@ class Prices:
         raise KeyError(f"no price for {model!r} in {PRICES}")
 
     def usd_m(self, model: str, *, input_tokens: int = 0, cached: int = 0, cache_write: int = 0,
-              cache_write_1h: int = 0, output_tokens: int = 0) -> Decimal:
+              cache_write_1h: int = 0, output_tokens: int = 0, audio_input: int = 0, audio_output: int = 0,
+              tier: str | None = None, geo: str | None = None) -> Decimal:
         """Tokens times USD per million tokens (short-TTL cache writes at `cache_write`, long-TTL at
-        `cache_write_long`, each defaulting as the table's header says)."""
-        p = self.rates(model)
+        `cache_write_long`, each defaulting as the table's header says; the audio part of the input
+        and output at `audio_input` / `audio_output`), at `tier`'s rates when the row has that tier
+        (OpenAI's `default` and Anthropic's `standard` are the row's own), times the row's
+        multiplier for `geo`."""
+        row = self.rates(model)
+        p = row["tiers"].get(tier, row) if tier else row
         lc = p.get("long_context")
         if lc is not None and input_tokens + cached + cache_write + cache_write_1h > lc["above_input_tokens"]:
             p = lc
         write = p.get("cache_write", p["input"])
-        return (input_tokens * p["input"] + cached * p.get("cached_input", p["input"]) + cache_write * write
-                + cache_write_1h * p.get("cache_write_long", write) + output_tokens * p["output"])
+        audio_in, audio_out = min(audio_input, input_tokens), min(audio_output, output_tokens)
+        usd = ((input_tokens - audio_in) * p["input"] + audio_in * row.get("audio_input", p["input"])
+               + cached * p.get("cached_input", p["input"]) + cache_write * write
+               + cache_write_1h * p.get("cache_write_long", write)
+               + (output_tokens - audio_out) * p["output"] + audio_out * row.get("audio_output", p["output"]))
+        return usd * row["geo"].get(geo, Decimal(1)) if geo else usd
+
+    def image_usd_m(self, ig: Mapping[str, Any]) -> Decimal:
+        """An image generation tool's tokens at the image model's rates: text input / cached at
+        `input` / `cached_input`, image input / cached at `image_input` / `cached_image_input`,
+        image output at `image_output`, text output at `output`."""
+        p = self.rates(ig["model"])
+        cached = p.get("cached_input", p["input"])
+        return (ig["text_input"] * p["input"] + ig["cached_text_input"] * cached
+                + ig["image_input"] * p.get("image_input", p["input"])
+                + ig["cached_image_input"] * p.get("cached_image_input", cached)
+                + ig["image_output"] * p.get("image_output", p["output"]) + ig["text_output"] * p["output"])
 
     def cost_nusd(self, model: str, **tokens: int) -> int:
         """USD per million tokens = 1000 nano-USD per token; rounded up to a whole nano-USD."""
@@ -298,13 +332,17 @@ class Prices:
         (cache writes by TTL: Anthropic 5 m / 1 h, OpenAI 30 m / 12 h; compaction included),
         each `other_models` entry at that model's rates, and per-call tool fees."""
         long = entry.get("cache_write_1h", 0) + entry.get("cache_write_12h", 0)
+        tier, geo = entry.get("service_tier"), entry.get("inference_geo")
         usd_m = self.usd_m(entry["model"], input_tokens=entry["input_tokens"], cached=entry["cached"],
                            cache_write=entry["cache_write"] - long, cache_write_1h=long,
-                           output_tokens=entry["output_tokens"])
-        for other in entry.get("other_models") or ():
+                           output_tokens=entry["output_tokens"], audio_input=entry.get("audio_input_tokens", 0),
+                           audio_output=entry.get("audio_output_tokens", 0), tier=tier, geo=geo)
+        for other in entry.get("other_models") or ():  # same geo; the tier where that model has it
             usd_m += self.usd_m(other["model"], input_tokens=other["input_tokens"], cached=other.get("cached", 0),
                                 cache_write=other.get("cache_write_5m", 0), cache_write_1h=other.get("cache_write_1h", 0),
-                                output_tokens=other["output_tokens"])
+                                output_tokens=other["output_tokens"], tier=tier, geo=geo)
+        if entry.get("image_gen"):
+            usd_m += self.image_usd_m(entry["image_gen"])
         for kind, n in (entry.get("tool_calls") or {}).items():
             usd_m += n * self.tools.get(kind, Decimal(0)) * 1_000_000
         return int((usd_m * 1000).to_integral_value(ROUND_CEILING))

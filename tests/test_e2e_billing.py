@@ -69,6 +69,32 @@ CASES = [
          {"x-fake-advisor-model": "claude-opus-4-7", "x-fake-advisor-tokens": "400,60"}, ("other_models",)),
     Case("anthropic max_tokens 0", MESSAGES,
          {"model": "claude-haiku-4-5", "max_tokens": 0, "messages": PROMPT}, {"x-fake-cache-write": "100"}, ()),
+    # rate tiers, audio, image generation, hosted shell, fallback (issue 10, the second part)
+    Case("chat flex tier", CHAT,
+         {"model": "gpt-5.6-terra", "service_tier": "flex", "max_completion_tokens": 60, "messages": PROMPT},
+         {"x-fake-cache-read": "40"}, ("service_tier", "cached")),
+    Case("responses priority tier (sent as fast)", RESPONSES,
+         {"model": "gpt-5.4", "service_tier": "fast", "max_output_tokens": 40, "input": "hello " * 50},
+         {"x-fake-reasoning-tokens": "12"}, ("service_tier",)),
+    Case("chat audio tokens", CHAT,
+         {"model": "gpt-4o-mini-audio-preview", "max_completion_tokens": 60, "messages": PROMPT},
+         {"x-fake-audio-input-tokens": "150", "x-fake-audio-output-tokens": "30"},
+         ("audio_input_tokens", "audio_output_tokens")),
+    Case("responses image generation tokens", RESPONSES,
+         {"model": "gpt-5.5", "max_output_tokens": 40, "input": "draw a chart", "max_tool_calls": 2,
+          "tools": [{"type": "image_generation"}]},
+         {"x-fake-image-generation": "2", "x-fake-image-gen-tokens": "55,1056"}, ("image_gen",)),
+    Case("responses hosted shell", RESPONSES,
+         {"model": "gpt-5.5", "max_output_tokens": 40, "input": "list the files", "max_tool_calls": 3,
+          "tools": [{"type": "shell", "environment": {"type": "container_auto"}}]},
+         {"x-fake-shell": "2"}, ("tool_calls",)),
+    Case("anthropic fast mode, US inference", MESSAGES,
+         {"model": "claude-opus-5-5", "max_tokens": 40, "speed": "fast", "inference_geo": "us", "messages": PROMPT},
+         {"x-fake-cache-write": "20", "x-fake-cache-read": "10"}, ("service_tier", "inference_geo")),
+    Case("anthropic server-side fallback", MESSAGES,
+         {"model": "claude-fable-5-2", "max_tokens": 60, "messages": PROMPT,
+          "fallbacks": [{"model": "claude-opus-5-5"}]},
+         {"x-fake-fallback-model": "claude-opus-5-5", "x-fake-fallback-declined-output": "5"}, ("other_models",)),
 ]
 
 
@@ -112,7 +138,9 @@ def test_charged_exactly_what_the_provider_billed(stack, attribution: JsonLog, c
     expected = Prices().ledger_cost(entry)
     summary = {k: rec.get(k) for k in ("cost_nusd", "usage_source", "estimate", "input_tokens", "cached_input_tokens",
                                        "cache_write_tokens", "cache_write_long_tokens", "output_tokens",
-                                       "reasoning_tokens", "tool_calls", "other_models", "reserved_usd")}
+                                       "reasoning_tokens", "tool_calls", "other_models", "reserved_usd",
+                                       "service_tier", "inference_geo", "audio_input_tokens", "audio_output_tokens",
+                                       "image_generation")}
     assert rec["usage_source"] == "provider" and rec["complete"] is True, summary
     assert rec["cost_nusd"] == expected, f"billed {expected} nUSD, charged {rec['cost_nusd']}: {summary}; ledger {entry}"
     assert rec["reserved_usd"] * 1e9 >= rec["cost_nusd"] - 1, f"the reservation did not cover the charge: {summary}"

@@ -588,7 +588,8 @@ def test_ledger_records_what_was_billed(base_url: str) -> None:
         "cache_write_5m": 0, "cache_write_1h": 0, "cache_write_30m": 3, "cache_write_12h": 0,
         "reasoning_tokens": 0, "n": 1, "context_tokens": 0, "tool_input_tokens": 0,
         "web_search_requests": 0, "web_fetch_requests": 0, "tool_calls": {}, "iterations": [], "other_models": [],
-        "previous_response_id": None, "error": None,
+        "previous_response_id": None, "error": None, "audio_input_tokens": 0, "audio_output_tokens": 0,
+        "service_tier": "default", "inference_geo": None, "image_gen": None,
         "status": 200, "complete": True, "hooks": {"x-fake-cache-read": "5", "x-fake-cache-write": "3"}}
     assert [e["id"] for e in ledger(base_url, request_id="envoy-req-1")] == [fid]
 

@@ -208,8 +208,6 @@ def test_registry_tables_are_disjoint_and_explained() -> None:
             assert isinstance(why, str) and why.strip(), f"{name}[{path!r}] needs a reason"
 
 
-@pytest.mark.xfail(strict=True, reason="NOT_YET_PRICED lists billed usage fields the parsers ignore (issue 10); "
-                                       "move each to PRICED as its parser lands, then remove this mark")
 def test_nothing_left_unpriced() -> None:
     pending = usage_fields.NOT_YET_PRICED
     lines = [f"{p}: {why}" for p, why in sorted(pending.items())]

@@ -58,6 +58,17 @@ KIND_FIELDS: dict[str, tuple[str, ...]] = {
     # image generation tokens, billed at the image model's rates (Responses tool_usage.image_gen)
     "image_gen_input": ("image_gen_input_tokens", "tool_tokens[image_generation_input]"),
     "image_gen_output": ("image_gen_output_tokens", "tool_tokens[image_generation_output]"),
+    # audio models: the audio part of `input` / `output`, billed at the audio rates
+    "audio_input": ("audio_input_tokens",),
+    "audio_output": ("audio_output_tokens",),
+    "shell_containers": ("shell_containers", "tool_calls[shell]"),  # hosted shell container sessions
+}
+# The rates a response says it was billed at (`rates` in .expect.json): the rate tier as the
+# price table names it (OpenAI service_tier `flex` / `priority`, `standard` for `default`;
+# Anthropic speed `fast` / `standard`) and where inference ran (Anthropic inference_geo).
+RATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "service_tier": ("tier", "service_tier"),
+    "inference_geo": ("inference_geo",),
 }
 # Usage billed at other models' rates inside one response (Anthropic advisor iterations): a
 # sequence on the Usage of (model, usage) pairs, or of objects / dicts with a `model` and the kinds.
@@ -73,16 +84,9 @@ STATE_FIELDS: dict[str, tuple[str, ...]] = {
 
 # ---- what today's code cannot do: one strict xfail per (fixture, check) -----------------------
 # Remove an entry when its fix lands (the test then XPASSes, which fails the run until you do).
-IMAGE_TOKENS = ("Usage has no image generation token fields (image_gen_input_tokens / image_gen_output_tokens from "
-                "Response.tool_usage.image_gen): image generation is billed at the image model's token rates, "
-                "and the table's per-call fee for it is 0")
-
-XFAIL: dict[str, str] = {
-    "openai_responses_code_image_tools::usage.image_gen_input": IMAGE_TOKENS,
-    "openai_responses_code_image_tools::usage.image_gen_output": IMAGE_TOKENS,
-    "openai_responses_code_image_tools_stream::usage.image_gen_input": IMAGE_TOKENS,
-    "openai_responses_code_image_tools_stream::usage.image_gen_output": IMAGE_TOKENS,
-}
+XFAIL: dict[str, str] = {}
+"""(fixture stem::check) -> the missing field or parser gap; empty now that image generation
+tokens are priced (Usage.image_gen_input_tokens / image_gen_output_tokens)."""
 
 # ---- how streams are fed ----------------------------------------------------------------------
 EXHAUSTIVE_MAX = 4096  # streams up to this size: also every two-piece split at each byte
@@ -230,6 +234,7 @@ def checks(name: str) -> list[str]:
         out += [f"usage.{k}" for k in e.get("usage") or {}]
     if "other_models" in e:
         out.append("other_models")
+    out += [f"rates.{k}" for k in e.get("rates") or {}]
     if name.endswith(".sse"):
         out.append("served_model")
         out += [f"stream.{k}" for k in e.get("stream") or {}]
@@ -254,6 +259,14 @@ def check_one(name: str, check: str, x: Extracted) -> str | None:
         if got is _MISSING:
             return None if want == 0 else f"Usage cannot express {kind!r} (none of {KIND_FIELDS[kind]})"
         return None if got == want else f"{kind} is {got}, expected {want}"
+    if check.startswith("rates."):
+        key = check.split(".", 1)[1]
+        if x.usage is None:
+            return "no usage extracted"
+        got = _get(x.usage, RATE_FIELDS[key], _MISSING)
+        if got is _MISSING:
+            return f"Usage cannot express {key!r} (none of {RATE_FIELDS[key]})"
+        return None if got == e["rates"][key] else f"{key} is {got!r}, expected {e['rates'][key]!r}"
     if check == "other_models":
         if x.usage is None:
             return "no usage extracted"
@@ -313,7 +326,7 @@ def test_wire_fixture(name: str, check: str) -> None:
 # ---- the fixtures themselves ------------------------------------------------------------------
 
 EXPECT_KEYS = {"provider", "endpoint", "served_model", "usage_known", "billed", "usage", "other_models",
-               "top_level", "iterations", "stream", "why"}
+               "top_level", "iterations", "stream", "rates", "why"}
 STREAM_KEYS = {"done", "error", "visible_deltas", "provider_input"}
 
 
@@ -344,6 +357,8 @@ def test_expectation_is_well_formed(name: str) -> None:
         assert e.get("usage") is None, "unknown usage has no numbers"
     if e.get("billed") is False:
         assert e["usage_known"] and not any(e["usage"].values())
+    assert set(e.get("rates") or {}) <= set(RATE_FIELDS), set(e["rates"]) - set(RATE_FIELDS)
+    assert all(isinstance(v, str) and v for v in (e.get("rates") or {}).values())
     if name.endswith(".json"):
         assert json.loads(raw).get("model") == e["served_model"]
     else:

@@ -84,11 +84,25 @@ class _Plan:
         messages[-1]["input_tokens"] += ctx.tool_input_tokens
         messages[-1]["output_tokens"] = ctx.visible
         self.compaction_usage = [_usage_obj("compaction", comp_in, 0, 0, 0, comp_out) for _ in range(self.compactions)]
+        # server-side fallback: the requested model declines after a few tokens (its `message`
+        # iteration, naming it), and the fallback model answers, reading the prompt afresh (caches
+        # are per model): a `fallback_message` iteration with the text
+        self.fallback = h.headers.get("x-fake-fallback-model") or None
+        self.fallback_usage: dict[str, Any] | None = None
+        self.declined_output = 0
+        if self.fallback and not self.advisor:
+            self.declined_output = count_header(h, "x-fake-fallback-declined-output") or 1
+            messages[0]["model"] = ctx.model
+            messages[0]["output_tokens"] = self.declined_output
+            self.fallback_usage = _usage_obj("fallback_message", ctx.own_input, 0, 0, 0, ctx.visible, self.fallback)
+            messages.append(self.fallback_usage)
         self.iterations: list[dict[str, Any]] = []
-        if self.compactions or self.advisor:
+        if self.compactions or self.advisor or self.fallback_usage is not None:
             self.iterations = [*self.compaction_usage, messages[0]]
             if self.advisor_usage is not None:
                 self.iterations += [self.advisor_usage, *messages[1:]]
+            elif self.fallback_usage is not None:
+                self.iterations.append(self.fallback_usage)
         self.top_input = sum(m["input_tokens"] for m in messages)
         self.top_output = sum(m["output_tokens"] for m in messages)
         self.cache = (r, w5, w1)
@@ -118,6 +132,10 @@ class _Plan:
                 "content": {"type": "document", "title": f"Fake page {i}",
                             "source": {"type": "text", "media_type": "text/plain", "data": f"fake page {i}"}}}}
             out.append((result, [], result))
+        if self.fallback_usage is not None and self.fallback:
+            block = {"type": "fallback", "from": {"model": ctx.model}, "to": {"model": self.fallback},
+                     "trigger": {"type": "refusal", "category": None}}
+            out.append((block, [], block))
         if self.advisor:
             tid = new_id("srvtoolu_fake")
             out.append(_tool_use(tid, "advisor", {}))
@@ -136,17 +154,20 @@ class _Plan:
         r, w5, w1 = self.cache
         u = _usage_obj(None, self.top_input, r, w5, w1, self.top_output)
         u["service_tier"] = "standard"
+        _rate_fields(u, ctx)
         if (stu := self.server_tool_use()) is not None:
             u["server_tool_use"] = stu
         if self.iterations:
             u["iterations"] = self.iterations
         return u
 
-    def start_usage(self) -> dict[str, Any]:
-        """``message_start``'s usage: the first turn's input, the first output token."""
+    def start_usage(self, ctx: Ctx) -> dict[str, Any]:
+        """``message_start``'s usage: the first turn's input, the first output token (and speed and
+        inference geo, which ``message_delta`` never carries)."""
         r, w5, w1 = self.cache
         u = _usage_obj(None, self.start_input, r, w5, w1, min(1, self.top_output))
         u["service_tier"] = "standard"
+        _rate_fields(u, ctx)
         return u
 
     def delta_usage(self, legacy: bool) -> dict[str, Any]:
@@ -175,7 +196,28 @@ class _Plan:
         e["iterations"] = [_ledger_tokens(it, it.get("model") or ctx.model) for it in self.iterations]
         if self.advisor_usage is not None:
             e["other_models"] = [_ledger_tokens(self.advisor_usage, self.advisor or "")]
+        if self.fallback_usage is not None:  # the top level is the declined hop, at the requested model's rates
+            fb = self.fallback_usage
+            e["input_tokens"] -= fb["input_tokens"]
+            e["output_tokens"] = 0 if ctx.stream else self.declined_output + pre_output
+            e["other_models"] = [_ledger_tokens(fb, self.fallback or "")]
+            pre_output += self.declined_output  # billed before the text, which is the fallback model's
         return pre_output
+
+    def stream_done(self, ctx: Ctx) -> None:
+        """A finished stream: its text was billed at the top level as it was written; with a
+        fallback that text is the fallback model's (in ``other_models``)."""
+        if self.fallback_usage is not None:
+            ctx.entry["output_tokens"] -= ctx.visible
+
+
+def _rate_fields(u: dict[str, Any], ctx: Ctx) -> None:
+    """``speed`` and ``inference_geo`` in a usage object, when the request set them (or the
+    ``x-fake-service-tier`` / ``x-fake-inference-geo`` hooks say otherwise)."""
+    if ctx.service_tier is not None:
+        u["speed"] = ctx.service_tier
+    if ctx.inference_geo is not None:
+        u["inference_geo"] = ctx.inference_geo
 
 
 def _tool_use(tid: str, name: str, tool_input: dict) -> tuple[dict, list[dict], dict]:
@@ -209,7 +251,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
             "usage": plan.usage(ctx),
         })
     start = {"id": mid, "type": "message", "role": "assistant", "model": ctx.model, "content": [],
-             "stop_reason": None, "stop_sequence": None, "usage": plan.start_usage()}
+             "stop_reason": None, "stop_sequence": None, "usage": plan.start_usage(ctx)}
     message_delta = {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                      "usage": plan.delta_usage(flag(request, "x-fake-legacy-message-delta"))}
     if ctx.omit_usage:
@@ -241,6 +283,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 ctx.entry["error"] = "overloaded_error"
             else:
                 ctx.bill_nothing("overloaded_error")
+        else:
+            plan.stream_done(ctx)
 
     return await stream(ctx, head, tokens, tail, head_output=pre_output, error_tail=error_tail, on_done=done)
 

@@ -388,6 +388,24 @@ async def begin(request: web.Request, api: str, id_prefix: str) -> "Ctx | web.Re
 _CAP_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
+def _service_tier(h: web.Request, body: dict, api: str) -> str | None:
+    """The rate tier the answer says it was served at: ``x-fake-service-tier`` if given, else
+    the request's. OpenAI (chat, Responses): ``service_tier`` as the API reports it (``fast`` is
+    reported as ``priority``; unset or ``auto`` as ``default``). Anthropic: ``speed`` (``fast``;
+    None when the request set none, and then the usage has no ``speed``)."""
+    forced = h.headers.get("x-fake-service-tier")
+    if forced:
+        return forced
+    if api in (CHAT, RESPONSES):
+        asked = body.get("service_tier")
+        return {"fast": "priority", "auto": "default", None: "default"}.get(asked, asked) \
+            if asked is None or isinstance(asked, str) else "default"
+    if api == ANTHROPIC:
+        speed = body.get("speed")
+        return speed if isinstance(speed, str) else None
+    return None
+
+
 class Ctx:
     """Everything a handler needs about one valid request, and its ledger entry.
 
@@ -423,6 +441,14 @@ class Ctx:
                 self.own_input + self.context_tokens, count_header(h, "x-fake-cache-read"),
                 count_header(h, "x-fake-cache-write"),
                 count_header(h, long_header) if long_header else 0)
+        # audio models (chat): the audio part of the input (on top of the text the body's count
+        # holds: the base64 audio is not text) and of the visible output
+        self.audio_input = count_header(h, "x-fake-audio-input-tokens") if api == CHAT else 0
+        self.input_tokens += self.audio_input
+        self.audio_output = min(count_header(h, "x-fake-audio-output-tokens"), self.visible) if api == CHAT else 0
+        self.service_tier = _service_tier(h, body, api)
+        geo = body.get("inference_geo") if api == ANTHROPIC else None
+        self.inference_geo: str | None = h.headers.get("x-fake-inference-geo") or (geo if isinstance(geo, str) else None)
         self.stream = body.get("stream") is True and api != EMBEDDINGS
         self.latency = _latency_s(h)
         self.cut_after = int_header(h, "x-fake-cut-after")
@@ -464,6 +490,8 @@ class Ctx:
         e["n"] = self.n
         e["context_tokens"] = self.context_tokens
         e["tool_input_tokens"] = self.tool_input_tokens
+        e["audio_input_tokens"], e["audio_output_tokens"] = self.audio_input, self.n * self.audio_output
+        e["service_tier"], e["inference_geo"] = self.service_tier, self.inference_geo
         return e
 
     def set_id(self, answer_id: str) -> str:
@@ -482,6 +510,8 @@ class Ctx:
                   "web_search_requests", "web_fetch_requests"):
             e[k] = 0
         e["tool_calls"], e["iterations"], e["other_models"] = {}, [], []
+        e["audio_input_tokens"] = e["audio_output_tokens"] = 0
+        e["image_gen"] = None
         e["error"] = error
 
 

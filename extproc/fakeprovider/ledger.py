@@ -57,6 +57,8 @@ def new_entry(request: web.Request, api: str, model: str, status: int, stream: b
         "reasoning_tokens": 0, "n": 1, "context_tokens": 0, "tool_input_tokens": 0,
         "web_search_requests": 0, "web_fetch_requests": 0, "tool_calls": {},
         "iterations": [], "other_models": [], "previous_response_id": None, "error": None,
+        "audio_input_tokens": 0, "audio_output_tokens": 0, "service_tier": None, "inference_geo": None,
+        "image_gen": None,
         "status": status, "complete": False, "hooks": hooks(request),
     }
     return request.app[LEDGER_KEY].add(entry) if record else entry

@@ -52,7 +52,7 @@ STREAM_ERROR_MESSAGE = "The server had an error while processing your request. S
 
 
 def chat_usage(ctx: Ctx) -> dict:
-    details: dict[str, int] = {"cached_tokens": ctx.cache_read, "audio_tokens": 0}
+    details: dict[str, int] = {"cached_tokens": ctx.cache_read, "audio_tokens": ctx.audio_input}
     if ctx.cache_write:
         details["cache_write_tokens"] = ctx.cache_write
     return {
@@ -60,7 +60,7 @@ def chat_usage(ctx: Ctx) -> dict:
         "completion_tokens": ctx.output_tokens,
         "total_tokens": ctx.input_tokens + ctx.output_tokens,
         "prompt_tokens_details": details,
-        "completion_tokens_details": {"reasoning_tokens": ctx.n * ctx.reasoning, "audio_tokens": 0,
+        "completion_tokens_details": {"reasoning_tokens": ctx.n * ctx.reasoning, "audio_tokens": ctx.n * ctx.audio_output,
                                       "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
     }
 
@@ -92,13 +92,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             "choices": [{"index": i, "message": message, "logprobs": None, "finish_reason": finish}
                         for i in range(ctx.n)],
             "usage": chat_usage(ctx),
-            "service_tier": "default",
+            "service_tier": ctx.service_tier,
             "system_fingerprint": "fp_fake",
         })
     so = ctx.body.get("stream_options")
     include_usage = isinstance(so, dict) and so.get("include_usage") is True and not ctx.omit_usage
     base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": ctx.model,
-            "service_tier": "default", "system_fingerprint": "fp_fake"}
+            "service_tier": ctx.service_tier, "system_fingerprint": "fp_fake"}
     if include_usage:
         base["usage"] = None
 
@@ -154,9 +154,11 @@ _TOOL_ITEMS = (
     ("x-fake-file-search", "file_search_call", "fs_fake", ("in_progress", "searching")),
     ("x-fake-code-interpreter", "code_interpreter_call", "ci_fake", ("in_progress", "interpreting")),
     ("x-fake-image-generation", "image_generation_call", "ig_fake", ("in_progress", "generating")),
+    ("x-fake-shell", "shell_call", "sh_fake", ()),
 )
 _TOOL_KINDS = {"web_search_call": "web_search", "file_search_call": "file_search",
-               "code_interpreter_call": "code_interpreter", "image_generation_call": "image_generation"}
+               "code_interpreter_call": "code_interpreter", "image_generation_call": "image_generation",
+               "shell_call": "shell"}
 _FAKE_CODE = "print(6 * 7)"
 # a 1x1 transparent PNG
 _FAKE_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
@@ -174,9 +176,39 @@ def _tool_item(kind: str, item_id: str, i: int, done: bool) -> dict:
     if kind == "code_interpreter_call":
         return {"id": item_id, "type": kind, "status": status, "code": _FAKE_CODE if done else "",
                 "container_id": "cntr_fake000000000000000000000000", "outputs": None}
+    if kind == "shell_call":
+        return {"id": item_id, "type": kind, "call_id": f"call_{item_id}", "status": status,
+                "action": {"commands": [f"echo fake {i}"], "timeout_ms": 60000, "max_output_length": 4096},
+                "environment": {"type": "container_reference", "container_id": _FAKE_SHELL_CONTAINER}}
     return {"id": item_id, "type": kind, "status": status, "result": _FAKE_PNG if done else None,
             "background": "opaque", "output_format": "png", "quality": "low", "size": "1024x1024",
             "revised_prompt": f"fake image {i}"}
+
+
+_FAKE_SHELL_CONTAINER = "cntr_fakeshell0000000000000000000"
+DEFAULT_IMAGE_MODEL = "gpt-image-2.6-sunburst"  # the image_generation tool's default (openai SDK, tool.py)
+
+
+def _image_model(body: dict) -> str:
+    for t in body.get("tools") or ():
+        if isinstance(t, dict) and t.get("type") == "image_generation" and isinstance(t.get("model"), str):
+            return t["model"]
+    return DEFAULT_IMAGE_MODEL
+
+
+def _tool_usage(ctx: Ctx, images: int, searches: int) -> dict | None:
+    """``Response.tool_usage``: the image generation tokens summed over the images (each
+    ``x-fake-image-gen-tokens: TEXT_IN,OUT``, default 40 text input and 272 image output tokens,
+    gpt-image-1's low-quality 1024x1024 count) and the billable web searches. None when no image
+    was generated (the API may omit it)."""
+    if not images:
+        return None
+    text_in, out = (int(x) for x in (ctx.request.headers.get("x-fake-image-gen-tokens") or "40,272").split(",", 1))
+    return {"image_gen": {"input_tokens": images * text_in,
+                          "input_tokens_details": {"image_tokens": 0, "text_tokens": images * text_in},
+                          "output_tokens": images * out, "total_tokens": images * (text_in + out), "cached_tokens": 0,
+                          "output_tokens_details": {"image_tokens": images * out, "text_tokens": 0}},
+            "web_search": {"num_requests": searches}}
 
 
 def responses_usage(ctx: Ctx, output_tokens: int | None = None) -> dict:
@@ -195,9 +227,10 @@ def responses_usage(ctx: Ctx, output_tokens: int | None = None) -> dict:
 
 
 def _response_obj(ctx: Ctx, rid: str, created: int, status: str, output: list, usage: dict | None,
-                  model: str | None = None, error: dict | None = None) -> dict:
+                  model: str | None = None, error: dict | None = None, tool_usage: dict | None = None) -> dict:
     b = ctx.body
-    return {
+    extra = {"tool_usage": tool_usage} if tool_usage is not None else {}
+    return {**extra,
         "id": rid,
         "object": "response",
         "created_at": created,
@@ -213,7 +246,7 @@ def _response_obj(ctx: Ctx, rid: str, created: int, status: str, output: list, u
         "parallel_tool_calls": True,
         "previous_response_id": b.get("previous_response_id"),
         "reasoning": {"effort": None, "summary": None},
-        "service_tier": "default",
+        "service_tier": ctx.service_tier,
         "store": b.get("store", True),
         "temperature": b.get("temperature", 1.0),
         "text": {"format": {"type": "text"}},
@@ -268,8 +301,16 @@ async def responses(request: web.Request) -> web.StreamResponse:
             pre_done.append(_tool_item(kind, item_id, i, True))
             pre_added.append(_tool_item(kind, item_id, i, False))
             tool_calls[_TOOL_KINDS[kind]] = tool_calls.get(_TOOL_KINDS[kind], 0) + 1
+    if tool_calls.get("shell"):  # every shell call runs in one container: one session
+        tool_calls["shell"] = 1
     ctx.entry["tool_calls"] = tool_calls
     ctx.entry["web_search_requests"] = tool_calls.get("web_search", 0)
+    tool_usage = _tool_usage(ctx, tool_calls.get("image_generation", 0), tool_calls.get("web_search", 0))
+    if tool_usage is not None:
+        ig = tool_usage["image_gen"]
+        ctx.entry["image_gen"] = {"model": _image_model(body), "text_input": ig["input_tokens"], "image_input": 0,
+                                  "cached_text_input": 0, "cached_image_input": 0,
+                                  "image_output": ig["output_tokens"], "text_output": 0}
     keep = body.get("store", True) is not False
 
     words = output_words(ctx.visible)
@@ -281,7 +322,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         if keep:
             store.put(rid, _conversation_tokens(ctx))
         return await answer(ctx, _response_obj(ctx, rid, created, "completed", pre_done + [item_done],
-                                               responses_usage(ctx)))
+                                               responses_usage(ctx), tool_usage=tool_usage))
 
     seq = itertools.count()
     pending = _response_obj(ctx, rid, created, "in_progress", [], None)
@@ -295,7 +336,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         head.append(sse_event("response.output_item.added", {
             "type": "response.output_item.added", "sequence_number": next(seq), "output_index": index, "item": added}))
         kind = done["type"]
-        if kind != "reasoning":
+        if kind not in ("reasoning", "shell_call"):  # a shell call streams as its items only
             phases = next(p for _, k, _, p in _TOOL_ITEMS if k == kind)
             for phase in phases:
                 head.append(_tool_event(f"response.{kind}.{phase}", seq, index, done["id"]))
@@ -338,7 +379,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         sse_event("response.completed", {
             "type": "response.completed", "sequence_number": next(seq),
             "response": _response_obj(ctx, rid, created, "completed", pre_done + [item_done],
-                                      None if ctx.omit_usage else responses_usage(ctx))}),
+                                      None if ctx.omit_usage else responses_usage(ctx), tool_usage=tool_usage)}),
     ]
     error_tail = None
     if ctx.stream_error_after is not None and ctx.cut_after is None:

@@ -148,7 +148,30 @@ Server tools, reasoning, iterations (request headers)
   iterations are ``message`` (the prompt, with its cache split; 0 output), ``advisor_message``
   (``model``, IN, OUT), ``message`` (input: the body's count + OUT, uncached; output: the text).
   The top level is the sum of the ``message`` iterations (the advisor's tokens are not in it).
-* With compaction or an advisor, ``usage.iterations`` lists every iteration in order
+* ``x-fake-fallback-model: claude-...`` (Anthropic, not with an advisor; ``x-fake-fallback-declined-output: K``,
+  default 1): server-side fallback. The requested model declines after K output tokens (a
+  ``message`` iteration naming it, reading the prompt with its cache split and the tool results),
+  a ``fallback`` content block (``from`` / ``to``, ``trigger: {type: refusal}``) comes first, and
+  the fallback model writes the text (a ``fallback_message`` iteration naming it, reading the
+  body's input uncached: caches are per model). The top level sums both; the ledger bills the
+  declined hop at the request's model and the fallback hop in ``other_models``.
+* ``x-fake-shell: N`` (Responses): N ``shell_call`` items of a hosted shell, all in one container
+  (``environment: {type: container_reference, container_id}``): ``tool_calls: {shell: 1}``.
+* Image generation (``x-fake-image-generation: N``) also reports ``Response.tool_usage``: the
+  images' tokens (``x-fake-image-gen-tokens: TEXT_IN,OUT`` each, default ``40,272``) in
+  ``image_gen`` and the web searches in ``web_search.num_requests``; the ledger's ``image_gen``
+  names the image tool's ``model`` (default ``gpt-image-2.6-sunburst``, the API's).
+* Rate tiers: chat and Responses answer with ``service_tier`` as the API reports it (the
+  request's; ``fast`` as ``priority``; unset or ``auto`` as ``default``), or ``x-fake-service-tier:
+  T``. Anthropic: a request's ``speed`` and ``inference_geo`` come back in the usage
+  (``message_start``'s in a stream; ``message_delta`` carries neither), or ``x-fake-service-tier``
+  (as ``speed``) and ``x-fake-inference-geo``. The ledger's ``service_tier`` / ``inference_geo``
+  say what was billed.
+* ``x-fake-audio-input-tokens: N``, ``x-fake-audio-output-tokens: M`` (chat): N audio tokens on
+  top of the text input (``prompt_tokens_details.audio_tokens``) and M of each choice's output
+  tokens are audio (``completion_tokens_details.audio_tokens``); the ledger's
+  ``audio_input_tokens`` / ``audio_output_tokens``.
+* With compaction, an advisor or a fallback, ``usage.iterations`` lists every iteration in order
   (compactions first; each ``{type, [model], input_tokens, cache_creation_input_tokens,
   cache_read_input_tokens, cache_creation, output_tokens}``), in the JSON usage and the
   cumulative ``message_delta``.
@@ -222,7 +245,8 @@ An entry::
      "reasoning_tokens": 0, "n": 1, "context_tokens": 0, "tool_input_tokens": 0,
      "web_search_requests": 0, "web_fetch_requests": 0, "tool_calls": {}, "iterations": [],
      "other_models": [], "previous_response_id": null, "error": null,
-     "status": 200, "complete": true, "hooks": {"x-fake-omit-usage": "1"}}
+     "audio_input_tokens": 0, "audio_output_tokens": 0, "service_tier": "default", "inference_geo": null,
+     "image_gen": null, "status": 200, "complete": true, "hooks": {"x-fake-omit-usage": "1"}}
 
 * ``id``: the answer's id (the body's ``id``; embeddings and errors get one of their own) and the
   ``x-fake-id`` response header; ``request_id``: the ``x-request-id`` request header (Envoy's
@@ -245,11 +269,20 @@ An entry::
   ``tool_input_tokens``: the server tools' input growth (inside ``input_tokens``).
 * ``web_search_requests``, ``web_fetch_requests`` and ``tool_calls`` (the per-call tools by
   kind: ``web_search``, ``web_fetch``, ``file_search``, ``code_interpreter``,
-  ``image_generation``; only non-zero counts): calls billed per call.
-* ``other_models``: what is billed at another model's rates (Anthropic advisor iterations), each
-  ``{"type", "model", "input_tokens", "cached", "cache_write_5m", "cache_write_1h",
-  "output_tokens"}``. The whole bill is the top-level fields at ``model``'s rates, plus
-  ``other_models`` each at its model's rates, plus the per-call tools.
+  ``image_generation``, ``shell``; only non-zero counts): calls billed per call (containers per
+  session).
+* ``other_models``: what is billed at another model's rates (Anthropic advisor iterations, a
+  fallback hop), each ``{"type", "model", "input_tokens", "cached", "cache_write_5m",
+  "cache_write_1h", "output_tokens"}``. The whole bill is the top-level fields at ``model``'s
+  rates, plus ``other_models`` each at its model's rates, plus the per-call tools, plus
+  ``image_gen`` at the image model's rates.
+* ``service_tier`` (the rate tier the answer says: OpenAI ``default`` / ``flex`` / ``priority``,
+  Anthropic ``speed``, or null) and ``inference_geo`` (Anthropic): the rates of all of the above
+  (a model's ``tiers`` / ``inference_geo`` in policies/prices.yaml). ``audio_input_tokens`` /
+  ``audio_output_tokens``: the audio part of ``input_tokens`` / ``output_tokens`` (chat), billed at
+  the audio rates. ``image_gen``: null, or the image generation tool's tokens ``{"model",
+  "text_input", "image_input", "cached_text_input", "cached_image_input", "image_output",
+  "text_output"}``.
 * ``iterations``: Anthropic ``usage.iterations`` as sent, in the same per-iteration form with
   each one's ``model`` (for information: their tokens are already in the fields above).
 * ``error``: the error a stream ended with (``x-fake-stream-error-after``), else null; such a

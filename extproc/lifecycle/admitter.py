@@ -44,7 +44,7 @@ class Admitter:
         assert api is not None and req is not None
         attrs = ctx.attrs()
         cand = decide.check(ctx.config, api, req.model, req.output_cap, attrs, ctx.path, req.choices, req.server_tools,
-                            req.advisors)
+                            req.advisors, tier=req.tier, inference_geo=req.inference_geo, unbounded=req.unbounded)
         ctx.price, ctx.provider, ctx.model_served = cand.price, cand.provider, req.model
         if self.engine is None:
             return False

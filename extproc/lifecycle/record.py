@@ -98,6 +98,14 @@ def build_record(ctx: RequestContext, usage: Usage | None, cost_nusd: int, *, co
                           "cache_write_tokens": x.cache_write_tokens,
                           "cache_write_long_tokens": x.cache_write_long_tokens, "output_tokens": x.output_tokens}
                          for m, x in u.other_models],
+        # rate modifiers and the kinds billed at their own rates (docs/pricing.md)
+        "service_tier": u.tier or (ctx.price.tier_name if ctx.price is not None else None),
+        "inference_geo": u.inference_geo,
+        "audio_input_tokens": u.audio_input_tokens,
+        "audio_output_tokens": u.audio_output_tokens,
+        "image_generation": [{"model": i.model, "input_tokens": i.input_tokens, "output_tokens": i.output_tokens}
+                             for i in u.image_gen],
+        "fallback_credit": u.fallback_credit,
         "cost_usd": cost_nusd / NANO_PER_USD,
         "cost_nusd": cost_nusd,
         "status": ctx.status,

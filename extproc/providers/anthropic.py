@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..pricing import Usage
+from ..pricing import STANDARD_TIER, Usage
 from .base import Api, StreamState, as_int, count_delta, json_object
+
+if TYPE_CHECKING:
+    from ..config import BoundsSection as Bounds
+
+_SERVER_TOOLS = ("web_search", "web_fetch")
+
+
+def _speed(v: Any) -> str | None:
+    """Anthropic's `speed` as the price table names rate tiers: `fast` mode has its own rates."""
+    return "fast" if v == "fast" else STANDARD_TIER if v == "standard" else None
 
 
 class Messages(Api):
@@ -26,24 +36,50 @@ class Messages(Api):
         """Server tools (`web_search_*`, `web_fetch_*` types), each up to its `max_uses`."""
         out: dict[str, int] = {}
         for t in body.get("tools") or ():
-            kind = next((k for k in ("web_search", "web_fetch") if str(t.get("type") or "").startswith(k + "_")),
-                        None) if isinstance(t, dict) else None
+            kind = _server_tool(t)
             if kind is not None:
                 uses = t.get("max_uses")
                 n = uses if isinstance(uses, int) and not isinstance(uses, bool) and uses >= 0 else default_calls
                 out[kind] = out.get(kind, 0) + n
         return out
 
-    def advisors(self, body: dict[str, Any], default_calls: int) -> list[tuple[str, int, int | None]]:
+    def tool_calls_capped(self, body: dict[str, Any]) -> bool:
+        return all(_uses(t) is not None for t in body.get("tools") or () if _server_tool(t) is not None)
+
+    def advisors(self, body: dict[str, Any], bounds: "Bounds") -> list[tuple[str, int, int | None]]:
         """The advisor tool (`advisor_*`): each call runs its model on the conversation so far,
-        billed at that model's rates, up to `max_uses` calls of `max_tokens` output each."""
+        billed at that model's rates, up to `max_uses` calls of `max_tokens` output each. And
+        server-side fallback (`fallbacks`): each entry may run once more on its model, with its
+        own `max_tokens` or the request's, when the models before it decline (a declined hop
+        is billed too); `"default"` (a chain the server picks) is bounded as one more hop at
+        the requested model's rates."""
         out = []
         for t in body.get("tools") or ():
             if isinstance(t, dict) and str(t.get("type") or "").startswith("advisor_") and isinstance(t.get("model"), str):
-                uses, cap = t.get("max_uses"), t.get("max_tokens")
-                out.append((t["model"], uses if isinstance(uses, int) and uses >= 0 else default_calls,
+                uses, cap = _uses(t), t.get("max_tokens")
+                out.append((t["model"], bounds.server_tool_calls if uses is None else uses,
                             cap if isinstance(cap, int) and cap >= 0 else None))
+        cap = body.get("max_tokens") if isinstance(body.get("max_tokens"), int) else None
+        fallbacks = body.get("fallbacks")
+        if fallbacks == "default" and isinstance(body.get("model"), str):
+            out.append((body["model"], 1, cap))
+        elif isinstance(fallbacks, list):
+            for f in fallbacks:
+                if isinstance(f, dict) and isinstance(f.get("model"), str):
+                    own = f.get("max_tokens")
+                    out.append((f["model"], 1, own if isinstance(own, int) and own >= 0 else cap))
         return out
+
+    def rate_modifiers(self, body: dict[str, Any], bounds: "Bounds") -> tuple[str | None, str | None]:
+        """`speed: fast` bills at fast-mode rates; `inference_geo` (else the workspace default the
+        policy states) at the row's multiplier for it."""
+        geo = body.get("inference_geo")
+        return _speed(body.get("speed")), geo if isinstance(geo, str) and geo else bounds.default_inference_geo
+
+    def unbounded(self, body: dict[str, Any], bounds: "Bounds") -> list[str]:
+        if body.get("fallbacks") == "default":
+            return ["fallbacks: \"default\" (a server-chosen chain: one more hop at the requested model's rates)"]
+        return []
 
     def usage_from_json(self, obj: dict[str, Any]) -> Usage | None:
         u = obj.get("usage")
@@ -79,6 +115,16 @@ class Messages(Api):
             state.error = obj.get("error") if isinstance(obj.get("error"), dict) else obj
 
 
+def _server_tool(t: Any) -> str | None:
+    return next((k for k in _SERVER_TOOLS if str(t.get("type") or "").startswith(k + "_")), None) \
+        if isinstance(t, dict) else None
+
+
+def _uses(t: dict[str, Any]) -> int | None:
+    uses = t.get("max_uses")
+    return uses if isinstance(uses, int) and not isinstance(uses, bool) and uses >= 0 else None
+
+
 def _cache_writes(u: dict[str, Any]) -> tuple[int, int]:
     """(5-minute, 1-hour) cache writes: `cache_creation` splits them by TTL; without it, all of
     `cache_creation_input_tokens` is the 5-minute kind."""
@@ -101,9 +147,19 @@ def anthropic_usage(u: dict[str, Any]) -> Usage:
     requests), and `iterations` the top level leaves out: `compaction` iterations (billed at this
     model's rates; the API documents that their tokens are not in the top-level fields) and
     `advisor_message` iterations (billed at the advisor model's own rates). `message` and
-    `fallback_message` iterations are the turns the top level already sums.
+    `fallback_message` iterations are the turns the top level already sums; when they ran on
+    different models (server-side fallback: a `fallback_message` entry, or `message` entries
+    naming more than one model) each one that names its model is billed at that model's rates
+    (moved from the top level to `other_models`). `speed` and `inference_geo` say the rates:
+    fast mode, and the row's multiplier for where inference ran.
     """
     usage = _tokens(u)
+    usage.tier = _speed(u.get("speed"))
+    usage.inference_geo = u["inference_geo"] if isinstance(u.get("inference_geo"), str) and u["inference_geo"] else None
+    fc = u.get("fallback_credit")
+    status = fc.get("status") if isinstance(fc, dict) else None
+    if isinstance(status, dict) and isinstance(status.get("type"), str):
+        usage.fallback_credit = status["type"]
     details = u.get("output_tokens_details")
     if isinstance(details, dict):  # thinking is billed inside output_tokens; kept apart for the record
         usage.reasoning_tokens = as_int(details.get("thinking_tokens"))
@@ -119,12 +175,38 @@ def anthropic_usage(u: dict[str, Any]) -> Usage:
             usage.add(_tokens(it))
         elif it.get("type") == "advisor_message" and isinstance(it.get("model"), str):
             usage.other_models.append((it["model"], _tokens(it)))
+    for model, part in _fallback_hops(u):
+        usage.take(part)
+        usage.other_models.append((model, part))
     return usage
+
+
+def _fallback_hops(u: dict[str, Any]) -> list[tuple[str, Usage]]:
+    """The sampling iterations of a response served across models (server-side fallback), each
+    naming its model, with their tokens; [] when every iteration ran on one model."""
+    turns = [it for it in u.get("iterations") or () if isinstance(it, dict)
+             and it.get("type") in ("message", "fallback_message")]
+    models = {it.get("model") for it in turns if isinstance(it.get("model"), str) and it.get("model")}
+    if not (len(models) > 1 or any(it.get("type") == "fallback_message" for it in turns)):
+        return []
+    return [(it["model"], _tokens(it)) for it in turns if isinstance(it.get("model"), str) and it["model"]]
 
 
 def _merge(seen: Usage, new: Usage, raw: dict[str, Any]) -> Usage:
     """A stream's usage so far updated by a cumulative message_delta: counts only grow; tool
-    calls and iterations, when the delta carries them, are the whole message's."""
+    calls and iterations, when the delta carries them, are the whole message's (and a
+    fallback's per-model split of the top level replaces the counts so far: the delta's
+    top level is the whole message's). Speed and geo, once said, stay."""
+    seen.tier = new.tier or seen.tier
+    seen.inference_geo = new.inference_geo or seen.inference_geo
+    seen.fallback_credit = new.fallback_credit or seen.fallback_credit
+    if _fallback_hops(raw):
+        for f in ("input_tokens", "cached_input_tokens", "cache_write_tokens", "cache_write_long_tokens",
+                  "output_tokens", "reasoning_tokens"):
+            setattr(seen, f, getattr(new, f))
+        seen.tool_calls = new.tool_calls if "server_tool_use" in raw else seen.tool_calls
+        seen.other_models = new.other_models
+        return seen
     for f in ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens"):
         setattr(seen, f, max(getattr(seen, f), getattr(new, f)))
     if isinstance(raw.get("cache_creation"), dict):  # the split itself

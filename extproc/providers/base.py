@@ -32,7 +32,8 @@ _INLINE_KEYS = ("data", "file_data", "text", "content")  # an inline document's 
 # keys (anywhere) before it is priced; other bodies skip the (slower) check.
 _PRICED_KEYS = tuple(f'"{k}"'.encode() for k in (
     "model", "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "stream", "stream_options",
-    "tools", "max_uses", "max_tool_calls", "previous_response_id", "conversation", "service_tier"))
+    "tools", "max_uses", "max_tool_calls", "previous_response_id", "conversation", "service_tier", "speed",
+    "inference_geo", "fallbacks"))
 
 
 def _has_duplicate_keys(raw: bytes) -> bool:
@@ -75,7 +76,14 @@ class ParsedRequest:
     input_tokens_upper: int  # never below the real input token count
     choices: int = 1  # completions asked for (chat's `n`): each one bills up to the output cap
     server_tools: dict[str, int] = field(default_factory=dict)  # tool kind -> most calls it may make
-    advisors: list[tuple[str, int, int | None]] = field(default_factory=list)  # (model, most calls, output cap per call)
+    # Other models the request lets the provider run, each billed at its own rates: (model, most
+    # calls, output cap per call). Advisor tool calls, server-side fallback hops, image generation.
+    advisors: list[tuple[str, int, int | None]] = field(default_factory=list)
+    tier: str | None = None  # the rate tier asked for (service_tier / speed); None = the row's own rates
+    inference_geo: str | None = None  # where inference is asked to run (Anthropic); None = no multiplier
+    # What the worst case takes from a policy allowance because the body shows no upper bound
+    # (`gateway.bounds.unbounded: refuse` refuses these): one short phrase each.
+    unbounded: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -159,14 +167,26 @@ class Api:
         upper = len(raw) + images * IMAGE_TOKENS_UPPER
         tools: dict[str, int] = {}
         advisors: list[tuple[str, int, int | None]] = []
+        tier = geo = None
+        unbounded: list[str] = []
         if bounds is not None:
             tools = self.server_tools(body, bounds.server_tool_calls)
-            advisors = self.advisors(body, bounds.server_tool_calls)
+            advisors = self.advisors(body, bounds)
             upper += sum(tools.values()) * bounds.server_tool_input_tokens
+            if tools and not self.tool_calls_capped(body):
+                unbounded.append(f"server tools without a call limit (gateway.bounds.server_tool_calls: "
+                                 f"{bounds.server_tool_calls} each)")
             if any(m in raw for m in _DOCUMENT_MARKERS):
-                upper += _referenced_documents(body) * bounds.document_input_tokens
+                documents = _referenced_documents(body)
+                upper += documents * bounds.document_input_tokens
+                if documents:
+                    unbounded.append(f"documents by reference (gateway.bounds.document_input_tokens: "
+                                     f"{bounds.document_input_tokens} each)")
             if self.stateful(body):
                 upper += bounds.stateful_input_tokens
+                unbounded.append(f"stored context (gateway.bounds.stateful_input_tokens: {bounds.stateful_input_tokens})")
+            tier, geo = self.rate_modifiers(body, bounds)
+            unbounded += self.unbounded(body, bounds)
         return ParsedRequest(
             body=body,
             model=model,
@@ -176,6 +196,9 @@ class Api:
             choices=choices,
             server_tools=tools,
             advisors=advisors,
+            tier=tier,
+            inference_geo=geo,
+            unbounded=unbounded,
         )
 
     def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
@@ -186,8 +209,22 @@ class Api:
         """True when the provider adds stored context the body does not carry."""
         return False
 
-    def advisors(self, body: dict[str, Any], default_calls: int) -> list[tuple[str, int, int | None]]:
-        """Other models the request lets the provider consult, billed at their own rates."""
+    def tool_calls_capped(self, body: dict[str, Any]) -> bool:
+        """True when the body caps every server tool's calls (`max_uses`, `max_tool_calls`)."""
+        return False
+
+    def advisors(self, body: dict[str, Any], bounds: "Bounds") -> list[tuple[str, int, int | None]]:
+        """Other models the request lets the provider run, billed at their own rates."""
+        return []
+
+    def rate_modifiers(self, body: dict[str, Any], bounds: "Bounds") -> tuple[str | None, str | None]:
+        """(rate tier, inference geo) the request asks for, the policy's stated defaults where it
+        sets none; None for either = the row's own rates."""
+        return None, None
+
+    def unbounded(self, body: dict[str, Any], bounds: "Bounds") -> list[str]:
+        """Wire-specific parts of the worst case that rest on an allowance (beyond server tools,
+        documents and stored context, which `parse` checks itself)."""
         return []
 
     def set_model(self, body: dict[str, Any], model: str) -> None:
@@ -253,13 +290,19 @@ def openai_usage(u: Any, input_key: str, output_key: str) -> Usage | None:
     ttl = details.get("cache_write_tokens_details")
     long_writes = min(as_int(ttl.get("ttl_12h_tokens")), writes) if isinstance(ttl, dict) else 0
     out_details = u.get(output_key + "_details")
-    reasoning = as_int(out_details.get("reasoning_tokens")) if isinstance(out_details, dict) else 0
+    out_details = out_details if isinstance(out_details, dict) else {}
+    reasoning = as_int(out_details.get("reasoning_tokens"))
     # Gemini's OpenAI-compatible endpoint counts thinking only in `total_tokens` (billed as
     # output): what the total holds beyond the input is output, whatever completion_tokens says.
     output = max(as_int(u.get(output_key)), as_int(u.get("total_tokens")) - total_in)
-    return Usage(input_tokens=total_in - cached - writes, cached_input_tokens=cached,
+    uncached = total_in - cached - writes
+    # Audio models: `*_details.audio_tokens` is the audio part of the totals, billed at the
+    # row's audio rates (reads of cached audio, if any, stay at the cached rate).
+    return Usage(input_tokens=uncached, cached_input_tokens=cached,
                  cache_write_tokens=writes - long_writes, cache_write_long_tokens=long_writes,
-                 output_tokens=output, reasoning_tokens=max(reasoning, output - as_int(u.get(output_key))))
+                 output_tokens=output, reasoning_tokens=max(reasoning, output - as_int(u.get(output_key))),
+                 audio_input_tokens=min(as_int(details.get("audio_tokens")), uncached),
+                 audio_output_tokens=min(as_int(out_details.get("audio_tokens")), output))
 
 
 def as_int(v: Any) -> int:

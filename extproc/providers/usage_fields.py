@@ -13,8 +13,8 @@ exactly one table:
 * `NOT_BILLED`: it costs nothing by itself; the value says why (a total, a breakdown already
   priced elsewhere, descriptive data).
 * `NOT_YET_PRICED`: it is billed (or may be) but the parsers ignore it; the value names the
-  issue item. The conformance test reports these loudly (a strict xfail asserting the table is
-  empty): move an entry to `PRICED` when its parser lands.
+  issue item. It must be empty (the conformance test fails otherwise): an entry is a known
+  undercharge to fix.
 
 Nothing here is read at request time; this module is data for the conformance test and for
 whoever maintains the parsers.
@@ -99,6 +99,52 @@ PRICED: dict[str, str] = {
     **{f"{r}.iterations[advisor_message].{f}":
        "Usage.other_models (model, Usage): the advisor sub-inference, at the advisor model's own rates"
        for r in _A_BETA for f in (*_A_ITER_TOKENS, "model")},
+    # audio models (chat): the audio part of the totals, at the row's audio rates
+    "openai.CompletionUsage.prompt_tokens_details.audio_tokens":
+        "Usage.audio_input_tokens (part of input_tokens), at the row's audio_input rate (base.openai_usage)",
+    "openai.CompletionUsage.completion_tokens_details.audio_tokens":
+        "Usage.audio_output_tokens (part of output_tokens), at the row's audio_output rate",
+    # per-request rate modifiers: the response says what was billed
+    "openai.ChatCompletion.service_tier":
+        "Usage.tier: the row's `tiers` rates for `flex` / `priority` (`fast` is billed and reported as priority); "
+        "`default` the row's own; in streams, from any chunk",
+    "openai.responses.Response.service_tier":
+        "Usage.tier: the row's `tiers` rates for `flex` / `priority`; a tier the row lacks (`ultrafast`) at its own "
+        "rates, bounded at gateway.bounds.unpriced_tier_multiplier",
+    **{f"{r}.inference_geo":
+       "Usage.inference_geo: the row's `inference_geo` multiplier (`us`: 1.1x every rate on Opus 4.6, Sonnet 4.6 and "
+       "later models)" for r in _A_USAGE},
+    **{f"{r}.speed": "Usage.tier: `fast` at the row's `tiers.fast` rates (fast mode)" for r in _A_USAGE},
+    # server-side tools
+    f"{_OI}[shell_call]":
+        "Usage.tool_calls['shell']: a hosted shell (environment container_reference) once per container session, at "
+        "the table's tools.shell (a container already counted for code interpreter is not counted again); a local "
+        "environment costs nothing",
+    **{f"{_OI}[image_generation_call].{f}":
+       "estimate when the response has no tool_usage.image_gen: gpt-image-1's documented image output tokens for "
+       "the quality and size (the largest listed, 6,240, when not listed), at the image model's rates"
+       for f in ("quality", "size")},
+    **{f"{_OI}[image_generation_call].svg_usage.{f}":
+       "Usage.other_models (svg_usage.model, Usage): SVG authoring tokens at that model's rates"
+       for f in ("input_tokens", "output_tokens", "reasoning_tokens", "model")},
+    **{f"openai.responses.Response.tool_usage.image_gen.{f}":
+       "Usage.image_gen (ImageGenUsage): at the image model's rates (the image_generation tool's `model`, else "
+       "gpt-image-2.6-sunburst): text and image input, their cached reads (taken out of the input; an omitted "
+       "cache count bills as uncached) and image / text output (openai.Responses.usage_from_json)" for f in (
+           "input_tokens", "output_tokens", "cached_tokens", "input_tokens_details.image_tokens",
+           "input_tokens_details.text_tokens", "output_tokens_details.image_tokens",
+           "output_tokens_details.text_tokens", "cached_tokens_details.cached_image_tokens",
+           "cached_tokens_details.cached_text_tokens")},
+    # Anthropic usage.iterations on several models (server-side fallback)
+    **{f"{r}.iterations[{t}].model":
+       "with server-side fallback (a fallback_message entry, or message entries on several models) each sampling "
+       "iteration that names its model is billed at that model's rates: moved from the top level to "
+       "Usage.other_models (anthropic._fallback_hops)" for r in _A_BETA for t in ("message", "fallback_message")},
+    **{f"{r}.fallback_credit.status[redeemed]":
+       "Usage.fallback_credit ('redeemed', in the record): the reprice moves the retry's cache writes for the "
+       "prefix warm on the refused model to the cache-read rate (platform.claude.com/docs/en/build-with-claude/"
+       "fallback-credit), but the usage does not say how many: they stay at the write rate, an upper bound on the "
+       "invoice by at most (write - read) x cache_creation_input_tokens" for r in _A_BETA},
 }
 
 NOT_BILLED: dict[str, str] = {
@@ -162,56 +208,18 @@ NOT_BILLED: dict[str, str] = {
        for f in ("id", "status", "action", "background", "output_format", "result", "revised_prompt",
                  "error.code", "error.message", "error.param", "error.type", "error.moderation_details.categories",
                  "error.moderation_details.moderation_stage")},
+    f"{_OI}[tool_search_call]":
+        "no fee: OpenAI's tool search guide (developers.openai.com/api/docs/guides/tools-tool-search, read "
+        "2026-12-02) describes its cost as tokens only (the loaded definitions are input tokens, in usage), and the "
+        "pricing page's built-in tools list no tool search fee; a client-executed search runs on the client",
+    f"{_OI}[program]":
+        "no fee: programmatic tool calling runs the model's JavaScript in an isolated V8 runtime, not a billed "
+        "container (developers.openai.com/api/docs/guides/tools-programmatic-tool-calling, read 2026-12-02); the code "
+        "is output tokens and the tools it calls bill as themselves",
     f"{_OI}[image_generation_call].svg_usage.total_tokens": "svg_usage.input_tokens + output_tokens",
 }
 
-NOT_YET_PRICED: dict[str, str] = {
-    # audio
-    "openai.CompletionUsage.prompt_tokens_details.audio_tokens":
-        f"{_ISSUE}, price table: audio input rates are not modelled (priced as text input)",
-    "openai.CompletionUsage.completion_tokens_details.audio_tokens":
-        f"{_ISSUE}, price table: audio output rates are not modelled (priced as text output)",
-    # per-request rate modifiers
-    "openai.ChatCompletion.service_tier":
-        f"{_ISSUE}, price table: 'flex' bills at a discount and 'priority'/'fast' at a premium over 'default'",
-    "openai.responses.Response.service_tier":
-        f"{_ISSUE}, price table: 'flex' bills at a discount, 'priority' and 'ultrafast' at a premium",
-    **{f"{r}.inference_geo":
-       f"{_ISSUE}, price table: US-only inference ('us') bills 1.1x on Opus 4.6, Sonnet 4.6 and later models "
-       "(Anthropic pricing, data residency)" for r in _A_USAGE},
-    **{f"{r}.speed": f"{_ISSUE}, price table: fast mode ('fast') bills at premium rates (Anthropic pricing, fast mode)"
-       for r in _A_USAGE},
-    # server-side tools
-    f"{_OI}[shell_call]":
-        f"{_ISSUE}, server tools: a hosted shell (container environment) is billed per container session like "
-        "code interpreter; a local environment costs nothing",
-    **{f"{_OI}[image_generation_call].{f}":
-       f"{_ISSUE}, server tools: without tool_usage.image_gen, the per-image price by quality and size applies"
-       for f in ("quality", "size")},
-    **{f"{_OI}[image_generation_call].svg_usage.{f}":
-       f"{_ISSUE}, server tools: SVG generation tokens, billed at svg_usage.model's rates"
-       for f in ("input_tokens", "output_tokens", "reasoning_tokens", "model")},
-    **{f"openai.responses.Response.tool_usage.image_gen.{f}":
-       f"{_ISSUE}, server tools: image generation tokens at the image model's rates (text and image input, "
-       "cached input and image output each have their own rate); the table's per-call fee is 0, so images "
-       "are charged nothing" for f in (
-           "input_tokens", "output_tokens", "cached_tokens", "input_tokens_details.image_tokens",
-           "input_tokens_details.text_tokens", "output_tokens_details.image_tokens",
-           "output_tokens_details.text_tokens", "cached_tokens_details.cached_image_tokens",
-           "cached_tokens_details.cached_text_tokens")},
-    f"{_OI}[tool_search_call]":
-        f"{_ISSUE}, server tools: server-executed tool search; whether it carries a per-call price is not "
-        "established (client-executed costs nothing): check the pricing page",
-    f"{_OI}[program]":
-        f"{_ISSUE}, server tools: programmatic tool calling runs the model's JavaScript server-side; whether it "
-        "carries a per-call or container price is not established: check the pricing page",
-    # Anthropic usage.iterations (beta)
-    **{f"{r}.iterations[{t}].model":
-       f"{_ISSUE}, usage.iterations: with server-side fallback the iterations can be on different models (a "
-       "declined hop's message entries, the fallback model's entry); the top level is priced at the served "
-       "model's rates only" for r in _A_BETA for t in ("message", "fallback_message")},
-    **{f"{r}.fallback_credit.status[redeemed]":
-       f"{_ISSUE}, fallback credit: the retry's cache-creation tokens for the prefix warm on the refused model "
-       "bill at the cache-read rate (fallback_credit_token, message_create_params); the usage does not say how "
-       "many, so they are charged at the write rate" for r in _A_BETA},
-}
+NOT_YET_PRICED: dict[str, str] = {}
+"""Empty: every billed field is priced (issue 10). A field an SDK update adds that is billed but
+not priced yet goes here, naming its issue item, until its parser lands."""
+
