@@ -9,14 +9,15 @@ PY := $(VENV)/bin/python
 POLICIES ?= $(or $(TOLLGATE_POLICIES),policies)
 export TOLLGATE_POLICIES := $(POLICIES)
 
-.PHONY: run test bench install redis-server redis-binary wrk-binary check clean
+.PHONY: run test bench install redis-server redis-binary wrk-binary chromium-binary check clean
 
 run: install redis-server
 	$(PY) -m extproc.cli run --policies $(POLICIES)
 
 # The tests start their own Redis on free ports, so they need the binary even when REDIS_URL is set;
-# and wrk for the benchmark's smoke run (tests/test_bench_quick.py).
-test: install redis-binary wrk-binary
+# wrk for the benchmark's smoke run (tests/test_bench_quick.py); Chromium for the dashboard's
+# browser test (tests/test_dashboard.py, headless).
+test: install redis-binary wrk-binary chromium-binary
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Tollgate's throughput, latency, CPU and memory against plain Envoy and a no-op ext_proc, in one
@@ -54,6 +55,12 @@ wrk-binary:
 	echo "wrk not found: installing the Debian package"; \
 	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
 	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk
+
+chromium-binary:
+	@if [ -x /usr/bin/chromium ]; then exit 0; fi; \
+	echo "chromium not found: installing the Debian package"; \
+	SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium
 
 clean:
 	rm -rf .run .pytest_cache

@@ -17,8 +17,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .alerts.monitor import AlertMonitor
 from .attribution import Sink, stdout_sink
-from .budgets import BudgetEngine
+from .budgets import Admission, BudgetEngine
 from .budgets.outbox import Outbox
 from .config import Config, load_config, policy_files
 from .policy_yaml import PolicyError
@@ -60,6 +61,9 @@ class Gateway:
         self.runtime = Runtime.build(config, redis=redis, outbox=outbox, metrics=self.metrics, auth=auth)
         self.metrics.policy_loaded(config.digest, self.runtime.loaded_at)
         self._reloading = asyncio.Lock()
+        # Webhooks about budget events (extproc/alerts/): fed by `record`, run by `run_alerts`.
+        self.alerts = AlertMonitor(redis, self.metrics, lambda: self.runtime.config, state_dir=state_dir,
+                                   clock=clock) if redis is not None else None
 
     # The current runtime's parts, for code that runs outside one request (loops, admin API).
     @property
@@ -213,10 +217,18 @@ class Gateway:
                 self.metrics.redis_error("gauge")
             await asyncio.sleep(interval)
 
-    def record(self, record: dict[str, Any]) -> None:
-        """Every attribution record: to the log sink and into the metrics."""
+    def record(self, record: dict[str, Any], admission: "Admission | None" = None) -> None:
+        """Every attribution record: to the log sink, into the metrics, and (with the request's
+        admission, which names its counters) to the alert monitor, a list append."""
         self.sink(record)
         self.metrics.observe(record)
+        if self.alerts is not None:
+            self.alerts.offer(record, admission)
+
+    async def run_alerts(self) -> None:
+        """Evaluate and deliver alerts (extproc/alerts/monitor.py) until cancelled."""
+        if self.alerts is not None:
+            await self.alerts.run()
 
     def new_processor(self) -> Processor:
         return Processor(self)
@@ -230,6 +242,8 @@ class Gateway:
                 log.exception("final outbox replay failed; the next start replays it")
         if self.metrics_server is not None:
             await self.metrics_server.stop()
+        if self.alerts is not None:
+            await self.alerts.close()  # deliveries in flight get a moment, then are logged as abandoned
         self.runtime.retire()
         await self.runtime.closed()
         if self.redis is not None:

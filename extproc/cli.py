@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
     p.add_argument("--state-dir", default=os.environ.get("TOLLGATE_STATE_DIR", ".run/state"),
                    help="local state that must survive a restart: the settle outbox (outbox-<port>.sqlite), "
-                        "the attribution record files (attribution/) and the admin access log "
-                        "(admin-access.jsonl); the workers of --workers share it (files are per port)")
+                        "the attribution record files (attribution/), the admin access log "
+                        "(admin-access.jsonl) and the alert delivery log (alerts-delivery.jsonl); the workers "
+                        "of --workers share it (files are per port)")
     p.add_argument("--drain-seconds", type=float, default=2.5,
                    help="on SIGTERM: keep taking new streams this long after reporting NOT_SERVING, until "
                         "Envoy's health check has taken this process out")
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=_envoy_config)
 
     p = sub.add_parser("report", help="spend and tokens by user, team, model, ... over a date range (reads Redis)")
-    p.add_argument("--by", default="team", help="comma-separated: user,team,app,group,model,provider,service_token")
+    p.add_argument("--by", default="team",
+                   help="comma-separated: user,team,app,group,model,provider,service_token; day: one row per UTC day")
     p.add_argument("--from", dest="start", help="first day, YYYY-MM-DD (UTC; default: the first of this month)")
     p.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (UTC; default: today)")
     p.add_argument("--where", action="append", default=[], metavar="DIM=VALUE", help="filter, e.g. team=ml")
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sort", default="percent")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6380/0"))
+    p.add_argument("--forecast", action="store_true",
+                   help="add each calendar counter's burn-rate forecast: projected spend at the period's end "
+                        "(low-high band), the date it would run out (docs/dashboard.md); reads --policies")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help="with --forecast: the budgets' scopes and windows")
     p.set_defaults(func=_budgets)
 
     p = sub.add_parser("simulate", help="what the gateway would do with one request, for a policy directory "
@@ -249,6 +255,7 @@ def _serve(args: argparse.Namespace) -> None:
         sweep = loop.create_task(gw.sweep_leases())
         # Policy edits take effect without a restart: on a file change, and on SIGHUP.
         watch = loop.create_task(gw.watch_policies())
+        alerts = loop.create_task(gw.run_alerts())  # webhooks about budget events (docs/alerts.md)
         if gw.xds_dir is not None:  # the typed Envoy classes take about 1 s to import: not at the first reload
             from .envoy_config import import_types
 
@@ -271,6 +278,7 @@ def _serve(args: argparse.Namespace) -> None:
         replay.cancel()
         sweep.cancel()
         watch.cancel()
+        alerts.cancel()
         files.close()
         outbox.close()
         if gauges is not None:
@@ -324,17 +332,21 @@ def _report(args: argparse.Namespace) -> None:
 def _budgets(args: argparse.Namespace) -> None:
     import redis.asyncio as aioredis
 
-    from .reports import BUDGET_COLUMNS, budget_counters, render, sort_rows
+    from .reports import BUDGET_COLUMNS, FORECAST_COLUMNS, add_forecasts, budget_counters, render, sort_rows
+
+    budgets = _load(args.policies).doc.budgets if args.forecast else []
 
     async def run():
         client = aioredis.Redis.from_url(args.redis_url, socket_connect_timeout=2)
         try:
-            return await budget_counters(client, where=_pairs(args.where))
+            rows = await budget_counters(client, where=_pairs(args.where))
+            return await add_forecasts(client, rows, budgets) if args.forecast else rows
         finally:
             await client.aclose()
 
     rows = asyncio.run(run())
-    sys.stdout.write(render(sort_rows(rows, args.sort), BUDGET_COLUMNS, args.format, title="live budget counters"))
+    columns = [*BUDGET_COLUMNS, *FORECAST_COLUMNS] if args.forecast else BUDGET_COLUMNS
+    sys.stdout.write(render(sort_rows(rows, args.sort), columns, args.format, title="live budget counters"))
 
 
 def _envoy_config(args: argparse.Namespace) -> None:

@@ -21,7 +21,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .access import AccessRule
+from .alerts import AlertList, alert_problems
 from .budgets import BudgetList
+from .cache.policy import CacheList  # response cache (extproc/cache/)
 from .identity import IdentityConfig
 from .policy_yaml import PolicyError, SourceMap, load_yaml
 from .pricing import ModelPrice, PriceTable
@@ -234,6 +236,8 @@ class PolicyDoc(_Strict):
     access: list[AccessRule] = []
     identity: IdentityConfig = IdentityConfig()
     admin: list[AdminRule] = Field(default_factory=list, description="admin API rules (where-rules; any match grants)")
+    alerts: AlertList = Field(default_factory=list, description="webhooks told about budget events (docs/alerts.md)")
+    cache: CacheList = Field(default_factory=list, description="response cache rules, first match wins (docs/cache.md)")
 
     @field_validator("providers")
     @classmethod
@@ -360,4 +364,5 @@ def _cross_check(doc: PolicyDoc, smap: SourceMap) -> list[str]:
             where = f"env {p.key.env} is unset or empty" if p.key.env else f"file {p.key.file} is unreadable or empty"
             problems.append(smap.describe(("providers", name, "key"), f"provider {name!r} has no key: {where} (set "
                                           "it, or `key_missing: refuse` to start without this provider)"))
+    problems.extend(alert_problems(list(doc.alerts), list(doc.budgets), smap))
     return problems

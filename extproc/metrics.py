@@ -108,6 +108,28 @@ class Metrics:
                                     "When the policy being served was loaded (Unix time).", registry=r)
         self._reload_errors = Counter("tollgate_policy_reload_errors",
                                       "Policy reloads refused (invalid files): the running policy stayed.", registry=r)
+        # alerts (extproc/alerts/): label values are alert names from the policy, event kinds, outcomes
+        self._alert_events = Counter("tollgate_alert_events", "Alert events this process found, by alert, event "
+                                     "and outcome: sent (it claimed the event in Redis) or duplicate (another "
+                                     "process, or an earlier evaluation, had).", ("alert", "event", "outcome"),
+                                     registry=r)
+        self._alert_deliveries = Counter("tollgate_alert_deliveries", "Webhook deliveries by alert, event and outcome: "
+                                         "delivered, failed (after its retries, or refused by the receiver) or "
+                                         "dropped (too many in flight).", ("alert", "event", "outcome"), registry=r)
+        self._alert_attempt_failures = Counter("tollgate_alert_delivery_attempt_failures", "Webhook attempts that got "
+                                               "no 2xx (each retry counts).", ("alert",), registry=r)
+        self._alert_dropped = Counter("tollgate_alert_records_dropped", "Attribution records the alert monitor could "
+                                      "not take (its queue was full): events they showed may be missed.", registry=r)
+        # cache: the response cache (extproc/cache/, docs/cache.md)
+        self._cache_requests = Counter("tollgate_cache_requests", "Requests a cache rule applied to, by result: "
+                                       "hit, miss, skip.", ("result",), registry=r)
+        self._cache_avoided = Counter("tollgate_cache_avoided_usd", "What cache hits would have cost (the cached "
+                                      "answers' original cost), in USD, by team, model (price-table entry) and "
+                                      "provider.", ("team", "model", "provider"), registry=r)
+        self._cache_writes = Counter("tollgate_cache_writes", "Cache writes after a miss, by outcome: stored, exists "
+                                     "(an identical miss wrote first), too_large, not_cacheable (error, incomplete "
+                                     "or cut), error (Redis).", ("outcome",), registry=r)
+        self._c_cache: dict[tuple[str, ...], Any] = {}
 
         # label tuple -> child; plain dicts, filled lazily (a miss costs one .labels() call)
         self._c_requests: dict[tuple[str, ...], Any] = {}
@@ -167,6 +189,21 @@ class Metrics:
         if get("budget_store_error"):
             self._store_errors.inc()
 
+        cache = get("cache")  # cache: hit | miss | skip counted; off (no rule) is not
+        if cache is not None and cache != "off":
+            ckey: tuple[str, ...] = ("r", cache)
+            child = self._c_cache.get(ckey)
+            if child is None:
+                child = self._c_cache[ckey] = self._cache_requests.labels(_label(cache))
+            child.inc()
+            avoided = _num(get("avoided_cost_nusd"))
+            if cache == "hit" and avoided > 0:
+                ckey = ("a", _label(get("team"), NO_TEAM), model, provider)
+                child = self._c_cache.get(ckey)
+                if child is None:
+                    child = self._c_cache[ckey] = self._cache_avoided.labels(*ckey[1:])
+                child.inc(avoided / NANO_PER_USD)
+
     def phase_latency(self, phase: str, seconds: float) -> None:
         child = self._c_phase.get(phase)
         if child is None:
@@ -185,6 +222,14 @@ class Metrics:
             child = self._c_lifecycle[event] = self._lifecycle.labels(_label(event))
         child.inc()
 
+    def cache_write(self, outcome: str) -> None:
+        """cache: what became of a miss's answer (extproc/cache/flow.py)."""
+        key = ("w", outcome)
+        child = self._c_cache.get(key)
+        if child is None:
+            child = self._c_cache[key] = self._cache_writes.labels(_label(outcome))
+        child.inc()
+
     def policy_loaded(self, digest: str, at: float) -> None:
         self._policy.clear()
         self._policy.labels(digest).set(1)
@@ -192,6 +237,18 @@ class Metrics:
 
     def policy_reload_failed(self) -> None:
         self._reload_errors.inc()
+
+    def alert_event(self, alert: str, event: str, outcome: str) -> None:
+        self._alert_events.labels(alert, event, outcome).inc()
+
+    def alert_delivery(self, alert: str, event: str, outcome: str) -> None:
+        self._alert_deliveries.labels(alert, event, outcome).inc()
+
+    def alert_attempt_failed(self, alert: str) -> None:
+        self._alert_attempt_failures.labels(alert).inc()
+
+    def alert_records_dropped(self) -> None:
+        self._alert_dropped.inc()
 
     def set_outbox_pending(self, n: int) -> None:
         self._outbox.set(n)

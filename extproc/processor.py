@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import BodyMutation, Commo
 from . import access
 from . import messages as msg
 from .budgets import replies as budget_replies
+from .cache import CACHE_HEADER, CacheFlow  # response cache (extproc/cache/)
 from .errors import GatewayError, bad_request
 from .identity import AuthError
 from .lifecycle.concurrency import Slot
@@ -59,6 +60,7 @@ class Processor:
         self.settler = Settler(gw, self.ctx, rt.budgets)
         self._client_keys: dict[str, str] = {}  # provider-key headers the client sent that are not its credential
         self._slot: Slot | None = None  # this request's place under its identity's concurrency cap
+        self.cache = CacheFlow(gw.redis, gw.metrics)  # cache: this request's use of the response cache
 
     @property
     def request_id(self) -> str:
@@ -81,6 +83,7 @@ class Processor:
                 raise GatewayError(e.status, e.message, type="authentication_error", code=e.check) from None
             self._slot = self.gw.concurrency.acquire(ctx.identity, ctx.config.gateway.limits.concurrent_requests_per_identity)
             ctx.metadata = self._trusted_metadata(headers.get(METADATA_HEADER))
+            self.cache.read_headers(headers)  # cache: x-tollgate-cache* (stripped below like every x-tollgate-*)
             if bare_path == "/v1/models" and method == "GET":
                 return self._models_reply()
             ctx.api = api_for_path(bare_path)
@@ -123,8 +126,11 @@ class Processor:
             changed = await self.rt.admitter.admit(ctx)
             changed = (req.stream and api.prepare_stream(req.body)) or changed
             body = _dumps(req.body) if changed else None
+            hit = await self.cache.lookup(ctx)  # cache: after identity, model access and the reservation
         except GatewayError as e:
             return await self._refuse(e)
+        if hit is not None:  # cache: answered here, $0, never forwarded
+            return await self.cache.answer(hit, ctx, self.settler, self._response_headers(), self._request_meta())
         assert ctx.provider is not None
         set_headers = {UPSTREAM_HEADER: ctx.provider}
         remove: list[str] = []
@@ -185,6 +191,7 @@ class Processor:
         ctx.gateway_error = headers.get(GATEWAY_ERROR_HEADER)
         add = self._response_headers()
         remove = [GATEWAY_ERROR_HEADER] if ctx.gateway_error is not None else []
+        self.cache.on_response_headers(headers)  # cache
         if h.end_of_stream:
             await self.settler.finish()
             return msg.response_headers(msg.common(add, remove))
@@ -206,7 +213,7 @@ class Processor:
     def _response_headers(self) -> dict[str, str]:
         """Headers every forwarded response carries: who served it and what budget is left."""
         ctx = self.ctx
-        add = {"x-tollgate-request-id": ctx.request_id}
+        add = {"x-tollgate-request-id": ctx.request_id, CACHE_HEADER: self.cache.status}  # cache: hit|miss|skip|off
         if ctx.model_served:
             add["x-tollgate-model-served"] = ctx.model_served
         adm = ctx.admission
@@ -231,9 +238,11 @@ class Processor:
         if meter is None:
             meter = self.settler.meter = JsonMeter(self.ctx)
         meter.feed(b.body)
+        self.cache.feed(b.body)  # cache
         if not b.end_of_stream:
             return msg.response_body()
         record = await self.settler.finish()
+        await self.cache.store(self.ctx, record)  # cache: a complete 2xx answer is written once
         add = {}
         if record.get("cost_usd") is not None and self.ctx.status < 400:
             add["x-tollgate-cost-usd"] = f"{record['cost_usd']:.9f}".rstrip("0").rstrip(".") or "0"
@@ -252,6 +261,7 @@ class Processor:
                 return msg.response_body(CommonResponse(body_mutation=BodyMutation(clear_body=True)))
             return msg.immediate(200, b"", details="tollgate_budget_cap")
         cut = meter.feed(b.body, b.end_of_stream)
+        self.cache.feed(b.body)  # cache
         if cut is not None:
             # Over the reservation: end the client's stream after the event that crossed it,
             # with an error event in the provider's shape, then settle.
@@ -261,6 +271,7 @@ class Processor:
             return msg.response_body(msg.common(body=body), _meta(record))
         if b.end_of_stream:
             record = await self.settler.finish()
+            await self.cache.store(self.ctx, record)  # cache: only a stream that ended complete is written
             return msg.response_body(meta=_meta(record))
         return msg.response_body()
 
@@ -300,7 +311,8 @@ class Processor:
         await self.settler.refuse(err)
         ctx = self.ctx
         meta = msg.metadata({**self._request_meta(), "decision": ctx.decision, "status": ctx.status})
-        return msg.error_reply(err, ctx.shape, {"x-tollgate-request-id": ctx.request_id}, meta)
+        return msg.error_reply(err, ctx.shape, {"x-tollgate-request-id": ctx.request_id,
+                                                CACHE_HEADER: self.cache.status}, meta)  # cache
 
     async def internal_error(self, phase: str) -> ProcessingResponse:
         """A bug in this request's handling: fail this request only, never the server.

@@ -167,8 +167,10 @@ def describe_changes(old: Config, new: Config) -> list[str]:
     if oi.model_dump(exclude={"api_keys", "service_tokens"}) != ni.model_dump(exclude={"api_keys", "service_tokens"}):
         out.append("identity sources changed (issuers, headers or anonymous access)")
     diff("provider", dict(old.doc.providers), dict(new.doc.providers))
+    diff("alert", names(old.doc.alerts), names(new.doc.alerts))  # alerts (docs/alerts.md)
     for what, a, b in (("routes", old.doc.routes, new.doc.routes), ("access rules", old.doc.access, new.doc.access),
-                       ("admin rules", old.doc.admin, new.doc.admin)):
+                       ("admin rules", old.doc.admin, new.doc.admin),
+                       ("cache rules", old.doc.cache, new.doc.cache)):  # cache
         if a != b:
             out.append(f"{what} changed ({len(a)} -> {len(b)})")
     diff("price", dict(old.doc.prices.models), dict(new.doc.prices.models))

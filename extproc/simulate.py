@@ -603,6 +603,19 @@ def policy_summary(config: Config, *, stale: Sequence[str] = (), today: date | N
     out.append(f"admin rules ({len(doc.admin)}, any match grants):")
     for i, a in enumerate(doc.admin):
         out.append(f"  where {where_text(a.where)}")
+    from .cache.policy import describe_rule  # cache: the response cache's rules (docs/cache.md)
+
+    out.append(f"cache rules ({len(doc.cache)}, first match wins)" + (":" if doc.cache else ": the cache is off"))
+    for i, c in enumerate(doc.cache):
+        loc = _where(smap, ("cache", i))
+        out.append(f"  {describe_rule(c)}" + (f"  [{loc}]" if loc else ""))
+    out.append(f"alerts ({len(doc.alerts)})" + (":" if doc.alerts else ": none"))  # alerts (docs/alerts.md)
+    for i, al in enumerate(doc.alerts):
+        watched = ", ".join(al.budgets) if al.budgets is not None else "every budget"
+        scope = f" where {where_text(al.where)}" if al.where else ""
+        loc = _where(smap, ("alerts", i))
+        out.append(f"  {al.name}: {', '.join(al.events)} of {watched}{scope} -> {al.host}"
+                   + (f"  [{loc}]" if loc else ""))
     out.append(f"warnings: {len(stale)} stale prices (listed on stderr)" if stale else "warnings: none")
     return "\n".join(out)
 

@@ -2,7 +2,7 @@
 against "the floor" measured in the same run.
 
     python -m tests.bench [--duration 5] [--warmup 1] [--conns 32,8,1] [--streams 30]
-                          [--targets direct,plain,floor,tollgate,heavy,workers2]
+                          [--targets direct,plain,floor,tollgate,heavy,workers2,cachehit]
                           [--long [--long-requests 100000] [--long-targets tollgate]] [--quick]
                           [--json .run/bench.json]
 
@@ -26,6 +26,12 @@ next run stop what a SIGKILLed one left):
   enforced budgets, one rolling; model-access rules).
 * `workers2`: a third stack with `policies/` and two ext_proc processes (Envoy balances
   requests over both endpoints), as `tollgate serve --workers 2` would run.
+* `cachehit`: a fourth stack with `policies/`, driven with the `cache-demo` key, whose answers
+  policies/cache.yaml caches (docs/cache.md): after the first request every one is a response-cache
+  hit, answered by the ext_proc (identity, budget reservation, lookup, $0 settle) without the
+  provider. Its goal: a streamed answer (the same `x-fake-token-latency-ms` as the others') done
+  sooner than through plain Envoy to the fake provider; its wrk rows show what a hit costs the
+  ext_proc against `tollgate`'s forwarded requests.
 
 Every stack starts with a fresh Redis under the run directory, so budgets start at zero.
 
@@ -106,8 +112,9 @@ HEAVY_POLICIES = REPO / "tests" / "bench_policies" / "heavy"
 JWT_ISSUER = "https://idp.bench.tollgate.test"  # tests/bench_policies/heavy/bench-identity.yaml
 JWT_AUDIENCE = "tollgate-bench"
 JWT_HEADER = "cf-access-jwt-assertion"
-ALL_TARGETS = ("direct", "plain", "floor", "tollgate", "heavy", "workers2")
-STREAM_TARGETS = ("direct", "plain", "tollgate", "heavy")
+ALL_TARGETS = ("direct", "plain", "floor", "tollgate", "heavy", "workers2", "cachehit")
+CACHE_KEY = "cache-demo"  # policies/identity.yaml; policies/cache.yaml caches its answers
+STREAM_TARGETS = ("direct", "plain", "tollgate", "heavy", "cachehit")
 LONG_CONNS = 32
 
 WRK_LUA = """
@@ -155,6 +162,7 @@ class Target:
     wrk_requests: int = 0  # requests wrk completed (warm-ups included)
     cut_off: int = 0  # requests wrk may have left unanswered when it stopped: one per connection per run
     streams: int = 0  # streamed requests (warm-up included)
+    cache: bool = False  # answered from the response cache after its first request (cachehit)
 
     @property
     def procs(self) -> list[Proc]:
@@ -169,6 +177,15 @@ def tollgate_target(name: str, stack: Stack, headers: dict[str, str]) -> Target:
                   {"extproc": extprocs, "envoy": [by_name["envoy"]], "redis": [by_name["redis"]],
                    "fake": [by_name["fake-provider"]]},
                   admin=stack.ports.admin, stack=stack, attribution_logs=logs)
+
+
+def cache_hit_target(policies: Path, run_dir: Path) -> tuple[Stack, Target]:
+    """`cachehit`: a stack of its own (so its records and Envoy counters are its own), driven with
+    the key whose answers policies/cache.yaml caches."""
+    stack = start_stack(policies, run_dir)
+    t = tollgate_target("cachehit", stack, {"authorization": f"Bearer {CACHE_KEY}"})
+    t.cache = True
+    return stack, t
 
 
 def start_stack(policies: Path, run_dir: Path, extprocs: int = 1, env: dict[str, str] | None = None) -> Stack:
@@ -502,7 +519,9 @@ def probe(t: Target) -> dict[str, str]:
         h = {k.lower(): v for k, v in r.headers.items()}
         body = json.loads(r.read())
     problems = []
-    if h.get("x-fake-authorization") != t.expect_auth:
+    if t.cache and h.get("x-tollgate-cache") == "hit":
+        pass  # answered from the cache: the provider never saw it
+    elif h.get("x-fake-authorization") != t.expect_auth:
         problems.append(f"provider saw authorization {h.get('x-fake-authorization')!r}, expected {t.expect_auth!r}")
     if t.gateway:
         for name in ("x-tollgate-request-id", "x-tollgate-cost-usd"):
@@ -525,6 +544,7 @@ def attribution_summary(paths: list[Path]) -> dict[str, Any]:
     n = 0
     cost = 0.0
     budgets: dict[str, int] = {}
+    cache: dict[str, int] = {}  # hit / miss / skip / off
     for path in paths:
         with open(path, "rb") as f:
             for line in f:
@@ -548,8 +568,10 @@ def attribution_summary(paths: list[Path]) -> dict[str, Any]:
                     cost += rec["cost_usd"]
                 k = str(len(rec.get("budgets") or []))
                 budgets[k] = budgets.get(k, 0) + 1
+                c = str(rec.get("cache"))
+                cache[c] = cache.get(c, 0) + 1
     return {"records": n, "decisions": decisions, "statuses": statuses, "shadow_blocked": shadow,
-            "cut_off": cut_off, "cost_usd": round(cost, 4), "records_by_budget_count": budgets}
+            "cut_off": cut_off, "cost_usd": round(cost, 4), "records_by_budget_count": budgets, "cache": cache}
 
 
 def check_target(t: Target, stats0: dict[str, int], stats1: dict[str, int], problems: list[str]) -> dict[str, Any]:
@@ -572,13 +594,14 @@ def check_target(t: Target, stats0: dict[str, int], stats1: dict[str, int], prob
         problems.append(f"{t.name}: Envoy answered {refused} requests with 4xx/5xx")
     if expected == 0 or not 0 <= streams - expected <= slack:
         problems.append(f"{t.name}: ext_proc streams {streams} vs {expected} requests (+ up to {t.cut_off} cut off)")
-    if not 0 <= up_2xx - expected <= slack:
-        problems.append(f"{t.name}: upstream 2xx {up_2xx} vs {expected} requests (+ up to {t.cut_off} cut off)")
+    up_want = 0 if t.cache else expected  # cache hits never reach the provider
+    if not 0 <= up_2xx - up_want <= slack:
+        problems.append(f"{t.name}: upstream 2xx {up_2xx} vs {up_want} expected (+ up to {t.cut_off} cut off)")
     if not t.gateway:
         return out
     att = attribution_summary(t.attribution_logs)
     out["attribution"] = att
-    want = expected + 1  # + the probe before the loads
+    want = expected + (2 if t.cache else 1)  # + the probe(s) before the loads (cachehit: its miss, then a hit)
     if not 0 <= att["records"] - want <= slack:
         problems.append(f"{t.name}: attribution records {att['records']}, expected {want} (+ up to {t.cut_off} cut off)")
     not_allowed = {d: c for d, c in att["decisions"].items() if d != "allowed"}
@@ -586,6 +609,9 @@ def check_target(t: Target, stats0: dict[str, int], stats1: dict[str, int], prob
         problems.append(f"{t.name}: decisions other than allowed: {not_allowed}")
     if att["cut_off"] > t.cut_off:
         problems.append(f"{t.name}: {att['cut_off']} requests aborted by the client, more than wrk's {t.cut_off} in flight")
+    misses = 1 + (1 if t.streams else 0)  # the first probe, and the first stream (a streamed request is its own entry)
+    if t.cache and att["cache"].get("miss", 0) > misses:
+        problems.append(f"{t.name}: {att['cache']['miss']} cache misses, expected {misses} at most")
     bad_status = {s: c for s, c in att["statuses"].items() if not s.startswith("2") and s != "0"}
     if bad_status:
         problems.append(f"{t.name}: non-2xx statuses in attribution: {bad_status}")
@@ -719,10 +745,16 @@ def main(argv: list[str] | None = None) -> int:
             s = start_stack(Path(args.policies), run_dir / "workers2", extprocs=2)
             stacks.append(s)
             targets["workers2"] = tollgate_target("workers2", s, api_key)
+        if "cachehit" in names:
+            log("starting the cache-hit stack ...")
+            s, targets["cachehit"] = cache_hit_target(Path(args.policies), run_dir / "cachehit")
+            stacks.append(s)
         order = [targets[n] for n in names]
         for t in order:
             t.script = wrk_script(run_dir / f"{t.name}.lua", t.headers)
             probe(t)
+            if t.cache and probe(t).get("x-tollgate-cache") != "hit":  # the first wrote the entry
+                raise RuntimeError(f"probe {t.name}: the repeated request was not a cache hit")
         log(f"ready in {time.monotonic() - t_start:.1f}s: " + ", ".join(f"{t.name} {t.url}" for t in order))
 
         all_procs = {p.pid: p for t in [*order, tollgate] for p in t.procs} | {p.pid: p for p in extra}
@@ -945,6 +977,9 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
     over = "" if rc and rc["long"] and rc["requests"] >= 100_000 else \
         f" (measured over {rc['requests']:,}{'' if rc['long'] else ', short check'})" if rc else ""
     add(f"ext_proc RSS within 10% after 100,000 requests{over}", g, "{:+.1f}%", g is not None and g <= 10)
+    d = (results.get("stream_minus_plain_ms") or {}).get("cachehit", {}).get("total_p50_ms")
+    add("Cache hits: a streamed answer done sooner than through plain Envoy to the fake provider (p50)", d,
+        "{:+.2f} ms", d is not None and d < 0)
     leases = results.get("leases_left")
     n = sum(len(v) for v in leases.values()) if leases is not None else None
     add("No lease left in Redis after the runs", n, "{} left", n == 0)

@@ -54,7 +54,8 @@ def test_bench_quick(tmp_path: Path) -> None:
             assert w["non_2xx_3xx"] == 0 and w["socket_errors"] == 0, (target, c, w)
             assert 0 < w["p50_ms"] <= w["p90_ms"] <= w["p99_ms"], (target, c, w)
             cpu = w["cpu_us_per_req"]
-            assert cpu["fake"] > 0, (target, c, cpu)
+            if target != "cachehit":  # cache hits never reach the provider
+                assert cpu["fake"] > 0, (target, c, cpu)
             if target != "direct":
                 assert cpu["envoy"] > 0, (target, c, cpu)
             if target not in ("direct", "plain"):
@@ -77,6 +78,9 @@ def test_bench_quick(tmp_path: Path) -> None:
         assert set(att["decisions"]) == {"allowed"}, att
         assert set(att["records_by_budget_count"]) == {n}, att
         assert r["leases_left"][target] == [], r["leases_left"]
+    hits = r["checks"]["cachehit"]["attribution"]  # cache: every request after the first probe was a hit
+    assert 1 <= hits["cache"].get("miss", 0) <= 2 and hits["cache"]["hit"] > 0 and set(hits["cache"]) == {"hit", "miss"}, hits
+    assert r["leases_left"]["cachehit"] == [], r["leases_left"]
     floor = r["checks"]["floor"]["envoy_stats_delta"]
     assert floor["http.tollgate.ext_proc.streams_started"] >= r["checks"]["floor"]["wrk_requests"]
 
@@ -87,5 +91,5 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert r["rss_check"]["long"] and r["rss_check"]["before_kb"] > 0
 
     goals = r["goals"]
-    assert len(goals) == 8 and all(g["measured"] is not None for g in goals), goals
+    assert len(goals) == 9 and all(g["measured"] is not None for g in goals), goals
     assert next(g for g in goals if g["goal"].startswith("No lease"))["met"] is True

@@ -31,6 +31,7 @@ import grpc
 import orjson
 
 from ..identity import Identity
+from ..jsonl import append_line
 
 log = logging.getLogger("tollgate.admin.access")
 
@@ -101,15 +102,7 @@ class AdminAccessLog:
             if self.path is None:
                 log.info("%s", line[:-1].decode())
                 return
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            except FileNotFoundError:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            append_line(self.path, line)
         except Exception as e:  # noqa: BLE001 - the admin call must not fail for its log line
             self.failures += 1
             log.error("admin access log %s: could not write the record of %s by %s: %s: %s", self.path,

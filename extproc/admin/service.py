@@ -7,7 +7,10 @@ service tokens work here. Authorization:
 * no or bad credential -> UNAUTHENTICATED (HTTP 401 through the transcoder);
 * usage, and budget status or dry runs for another identity, need an `admin:` policy rule
   (`where` rules over the caller's attributes; any match grants) -> else PERMISSION_DENIED (403);
-* a caller may always read its own budget status and dry-run its own requests.
+* a caller may always read its own budget status and dry-run its own requests;
+* the dashboard (`GetDashboard`) shows an admin everything, anyone else their own usage (filtered
+  to their `user`) and their own budget counters; its page (`GetDashboardPage`) holds no data and
+  is served to anyone (extproc/dashboard/, docs/dashboard.md).
 
 Nothing here reserves, settles or writes a budget counter: status and dry runs only read.
 Every call, granted or refused, leaves one line in the admin access log (`access_log.py`,
@@ -16,6 +19,7 @@ Every call, granted or refused, leaves one line in the admin access log (`access
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import math
@@ -23,14 +27,19 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.api import httpbody_pb2
 
+from .. import dashboard
 from ..attrs import where_matches
 from ..budgets import BudgetStatus, StoreError
 from ..budgets import replies as budget_replies
 from ..budgets.money import usd_exact as usd
+from ..dashboard import data as dashboard_data
 from ..errors import GatewayError
 from ..identity import AuthError, Identity
 from ..providers import api_for_path
+from ..reports import budget_counters, counter_forecasts, status_row
+from ..usage import decode_rollups, read_raw_rollups
 from .access_log import AdminAccessLog, logged, note_caller, note_subject
 from .build import ensure_generated
 
@@ -47,6 +56,7 @@ log = logging.getLogger("tollgate.admin")
 USAGE_DIMENSIONS = ("user", "team", "app", "group", "model", "provider", "service_token")
 MAX_USAGE_DAYS = 400
 DEFAULT_PATH = "/v1/chat/completions"
+READ_TIMEOUT_SECONDS = 30.0
 
 
 def counter_pb(st: BudgetStatus) -> pb.BudgetCounter:
@@ -67,6 +77,34 @@ def counter_pb(st: BudgetStatus) -> pb.BudgetCounter:
         spent_nusd=st.spent_nusd,
         reserved_nusd=st.reserved_nusd,
         remaining_nusd=st.remaining_nusd,
+    )
+
+
+def forecast_pb(fc: Any, text: str) -> pb.Forecast:
+    """A forecast (extproc/forecast.py) and its sentence, as the API's message."""
+    return pb.Forecast(
+        rate_usd_per_day=usd(fc.rate_nusd_per_day), band_usd_per_day=usd(fc.band_nusd_per_day),
+        projected_usd=usd(fc.projected_nusd), low_usd=usd(fc.low_nusd), high_usd=usd(fc.high_nusd),
+        exhausts_on=fc.exhausts_on.isoformat() if fc.exhausts_on else "",
+        period_end=budget_replies.iso(fc.period_end.timestamp()) if fc.period_end else "",
+        method=fc.method, sentence=text, rate_nusd_per_day=fc.rate_nusd_per_day, projected_nusd=fc.projected_nusd,
+        low_nusd=fc.low_nusd, high_nusd=fc.high_nusd,
+    )
+
+
+def counter_row_pb(row: Mapping[str, Any], modes: Mapping[str, str]) -> pb.BudgetCounter:
+    """A `reports.budget_counters` row (any identity's live counter, read from Redis) as a BudgetCounter."""
+    spent, reserved, limit = row["spent_nusd"], row["reserved_nusd"], row["limit_nusd"]
+    used = spent + reserved
+    resets = row["resets_at"]
+    return pb.BudgetCounter(
+        name=row["budget"], counter=dict(row["per"]), window=row.get("window", ""),
+        mode=row.get("mode") or modes.get(row["budget"], ""),
+        limit_usd=usd(limit), spent_usd=usd(spent), reserved_usd=usd(reserved), remaining_usd=usd(max(0, limit - used)),
+        resets_at=budget_replies.iso(dt.datetime.fromisoformat(resets).timestamp()) if resets and resets != "rolling"
+        else "",
+        percent_used=round(100.0 * used / limit, 4) if limit > 0 else (0.0 if used == 0 else 100.0),
+        limit_nusd=limit, spent_nusd=spent, reserved_nusd=reserved, remaining_nusd=max(0, limit - used),
     )
 
 
@@ -127,7 +165,16 @@ def usage_returned(r: pb.GetUsageResponse) -> dict[str, Any]:
 
 
 def status_read(r: pb.GetBudgetStatusRequest) -> dict[str, Any]:
-    return {"identity": _selector(r)}
+    return {"identity": _selector(r), **({"forecast": True} if r.forecast else {})}
+
+
+def dashboard_read(r: pb.GetDashboardRequest) -> dict[str, Any]:
+    return {"from": getattr(r, "from") or None, "to": r.to or None, "by": r.by or None}
+
+
+def dashboard_returned(r: pb.GetDashboardResponse) -> dict[str, Any]:
+    return {"from": getattr(r, "from"), "to": r.to, "by": r.by, "series": len(r.series),
+            "budgets": len(r.budgets), "scope": dict(r.scope)}
 
 
 def status_returned(r: pb.GetBudgetStatusResponse) -> dict[str, Any]:
@@ -149,12 +196,29 @@ class AdminService(pb_grpc.AdminServicer):
 
     def __init__(self, gw: "Gateway", access_log: AdminAccessLog | None = None) -> None:
         self.gw = gw
+        self._reads: Any = None  # the long-read Redis client (`_reader`), made on first use
         # <state dir>/admin-access.jsonl; a gateway without a state dir logs the records instead
         self.access_log = access_log or AdminAccessLog.in_state_dir(gw.state_dir)
 
     @property
     def clock(self) -> Callable[[], float]:  # the access log's timestamps
         return self.gw.clock
+
+    def _reader(self) -> Any:
+        """A client for the admin API's big reads (days of rollups, every counter): the gateway's
+        Redis with a 30 s socket timeout instead of the request path's 0.5 s (a month of rollups
+        for 1,000 users is ~60 MB of replies), on a small pool of its own so these reads never
+        hold the request path's connections."""
+        if self.gw.redis is None:
+            return None
+        if self._reads is None:
+            import redis.asyncio as aredis
+
+            pool = self.gw.redis.connection_pool
+            kw = {**pool.connection_kwargs, "socket_timeout": READ_TIMEOUT_SECONDS}
+            self._reads = aredis.Redis(connection_pool=aredis.BlockingConnectionPool(
+                connection_class=pool.connection_class, max_connections=4, timeout=READ_TIMEOUT_SECONDS, **kw))
+        return self._reads
 
     # ---- auth -----------------------------------------------------------------------------
 
@@ -231,7 +295,7 @@ class AdminService(pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "usage rollups are not available in this build")
             raise
         try:
-            report = await query_usage(self.gw.redis, group_by=group_by, start=start, end=end, where=where or None)
+            report = await query_usage(self._reader(), group_by=group_by, start=start, end=end, where=where or None)
         except ValueError as e:
             await self._invalid(context, str(e))
             raise
@@ -272,7 +336,94 @@ class AdminService(pb_grpc.AdminServicer):
                 statuses = await engine.status(attrs)
             except StoreError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {e}")
-        return pb.GetBudgetStatusResponse(identity=identity_pb(attrs), budgets=[counter_pb(s) for s in statuses])
+        resp = pb.GetBudgetStatusResponse(identity=identity_pb(attrs), budgets=[counter_pb(s) for s in statuses])
+        if request.forecast and statuses:
+            await self._forecasts(context, resp.budgets, [status_row(s) for s in statuses])
+        return resp
+
+    async def _forecasts(self, context: grpc.aio.ServicerContext, out: Any, rows: list[dict[str, Any]],
+                         rollups: Any = None) -> None:
+        """Attach each counter's forecast (extproc/forecast.py, from the last 7 days of rollups;
+        `rollups`: days already read, reused when they end today)."""
+        if self.gw.redis is None:
+            return
+        try:
+            fcs = await counter_forecasts(self._reader(), rows, self.gw.config.doc.budgets, now=self.gw.clock(),
+                                          rollups=rollups)
+        except Exception as e:  # Redis down or slow
+            if isinstance(e, (OSError, TimeoutError)) or type(e).__module__.startswith("redis"):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"usage store unavailable: {type(e).__name__}: {e}")
+            raise
+        for counter, (fc, text) in zip(out, fcs):
+            if fc is not None:
+                counter.forecast.CopyFrom(forecast_pb(fc, text))
+
+    # ---- GetDashboard ---------------------------------------------------------------------
+
+    @logged(dashboard_read, dashboard_returned)
+    async def GetDashboard(self, request: pb.GetDashboardRequest,
+                           context: grpc.aio.ServicerContext) -> pb.GetDashboardResponse:
+        """Everything the page shows, in one call: usage from the rollups (the same `aggregate`
+        as GetUsage and `tollgate report`), counters with forecasts (as `tollgate budgets
+        --forecast`). A non-admin's usage is filtered to their own `user`, their counters are
+        the ones they count against (as GetBudgetStatus)."""
+        who = await self._caller(context)
+        admin = self.is_admin(who)
+        now = self.gw.clock()
+        today = dt.datetime.fromtimestamp(now, dt.timezone.utc).date()
+        by = request.by or "team"
+        try:
+            start, end = dashboard_data.date_range(getattr(request, "from"), request.to, today)
+            if by not in dashboard_data.BY:
+                raise ValueError(f"by {by!r}: use one of {', '.join(dashboard_data.BY)}")
+        except ValueError as e:
+            await self._invalid(context, f"{e} (dates are YYYY-MM-DD, UTC days)")
+            raise
+        if self.gw.redis is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this gateway runs without Redis: no usage is recorded")
+        scope = {} if admin else {"user": who.user}
+        if not admin:
+            note_subject(who.attrs(), True)
+        try:
+            raw = await read_raw_rollups(self._reader(), start, end)
+
+            def decode_and_group() -> tuple[Any, Any]:
+                days = decode_rollups(raw)
+                return days, dashboard_data.usage(days, by=by, where=scope or None)
+
+            # seconds of CPU for months of rollups: off the event loop that serves LLM requests
+            days, u = await asyncio.to_thread(decode_and_group)
+            if admin:
+                rows = await budget_counters(self._reader(), now=now)
+            else:
+                rows = [status_row(s) for s in (await self.gw.budgets.status(who.attrs())
+                                                  if self.gw.budgets is not None else [])]
+        except StoreError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"budget store unavailable: {e}")
+            raise
+        except Exception as e:
+            if isinstance(e, (OSError, TimeoutError)) or type(e).__module__.startswith("redis"):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"usage store unavailable: {type(e).__name__}: {e}")
+            raise
+        modes = {b.name: b.mode for b in self.gw.config.doc.budgets}
+        resp = pb.GetDashboardResponse(
+            identity=identity_pb(who.attrs()), admin=admin, to=end.isoformat(), by=by,
+            days=[d.isoformat() for d in u.days],
+            series=[pb.DashboardSeries(key=x.key, cost_nusd=x.cost_nusd, total_nusd=x.total_nusd) for x in u.series],
+            top=[self._row(r) for r in u.top], totals=self._row(u.totals),
+            decisions=[pb.DecisionDay(day=d.isoformat(), **c) for d, c in zip(u.days, u.decisions)],
+            budgets=[counter_row_pb(r, modes) for r in rows],
+            generated_at=budget_replies.iso(now) or "", scope=scope,
+        )
+        setattr(resp, "from", start.isoformat())
+        await self._forecasts(context, resp.budgets, rows, days)
+        return resp
+
+    @logged(lambda r: {}, None)
+    async def GetDashboardPage(self, request: pb.GetDashboardPageRequest, context: grpc.aio.ServicerContext) -> Any:
+        """The page: static, with no data in it (the numbers come from GetDashboard, which
+        authenticates the viewer), so it is served without a credential, like a login page."""
+        return httpbody_pb2.HttpBody(content_type="text/html; charset=utf-8", data=dashboard.page())
 
     # ---- DryRun ---------------------------------------------------------------------------
 

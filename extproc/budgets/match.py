@@ -7,7 +7,7 @@ Pure functions over a request's attributes (`Mapping[str, str | list[str]]`, wit
 from __future__ import annotations
 
 from collections.abc import Mapping
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from ..attrs import Attrs, value_matches, where_matches
 from .money import usd_to_nusd
@@ -51,6 +51,13 @@ def per_key(values: Mapping[str, str]) -> str:
     if not values:
         return "_"
     return ",".join(f"{k}={quote(v, safe='@._-+')}" for k, v in values.items())
+
+
+def parse_per_key(text: str) -> dict[str, str]:
+    """The inverse of `per_key`: `user=alice%40x.com` -> {"user": "alice@x.com"}; `_` -> {}."""
+    if text == "_":
+        return {}
+    return {k: unquote(v) for k, _, v in (p.partition("=") for p in text.split(","))}
 
 
 def limit_source(budget: Budget, attrs: Attrs) -> tuple[str, int | None]:

@@ -14,6 +14,11 @@ Key layout (all under the engine's prefix, default `tollgate:`):
   `x:<request_id>` for a tombstone.
 * `{prefix}settled:{request_id}` — STRING marker, only for a request that counts against no
   budget (it has no lease to make its settle idempotent), kept `NO_COUNTER_MARKER_TTL`.
+* `{prefix}cache:{scope}:{digest}` — STRING, one response-cache entry with its TTL; written once
+  (SET NX) by extproc/cache/store.py, whose docstring has its format.
+* `{prefix}alerts:sent:...`, `{prefix}alerts:spend:...` — alert claims (SET NX: each event sent
+  once) and counters' hourly spend history, written by extproc/alerts/store.py, whose docstring
+  has their format.
 
 Counters expire `KEY_GRACE_SECONDS` after their calendar period ends (rolling: after a full window
 without writes). Every script first purges the expired leases of the counters it touches: a lease

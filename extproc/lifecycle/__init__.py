@@ -12,6 +12,7 @@ of SETTLED or RELEASED, whatever happens to the gRPC stream:
 
     NEW ──► ADMITTING ──► RESERVED ──► FORWARDED ──► SETTLED
      │          │             │                         ▲
-     └──────────┴──► REFUSED  └──────► RELEASED         │ (also when the stream ends early:
-                                                        │  `interrupted`, from Settler.close)
+     └──────────┴──► REFUSED  ├──────► RELEASED         │ (also when the stream ends early:
+                              │                         │  `interrupted`, from Settler.close)
+                              └──────► CACHED  (a response-cache hit: lease settled at $0, extproc/cache/)
 """

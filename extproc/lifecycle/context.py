@@ -29,17 +29,18 @@ class State(enum.Enum):
     SETTLED = "settled"  # terminal: charged (real cost or a documented estimate) and recorded
     RELEASED = "released"  # terminal: the lease was dropped, nothing charged
     REFUSED = "refused"  # terminal: answered by the gateway, nothing reserved
+    CACHED = "cached"  # terminal: answered from the response cache (extproc/cache/), its lease settled at $0
 
     @property
     def terminal(self) -> bool:
-        return self in (State.SETTLED, State.RELEASED, State.REFUSED)
+        return self in (State.SETTLED, State.RELEASED, State.REFUSED, State.CACHED)
 
 
 # Which transitions are legal; anything else is a bug, raised loudly in tests.
 _NEXT = {
     State.NEW: {State.ADMITTING, State.REFUSED, State.FORWARDED},  # FORWARDED: no budget engine
     State.ADMITTING: {State.RESERVED, State.REFUSED, State.RELEASED},
-    State.RESERVED: {State.FORWARDED, State.RELEASED, State.REFUSED},
+    State.RESERVED: {State.FORWARDED, State.RELEASED, State.REFUSED, State.CACHED},  # CACHED: a cache hit
     State.FORWARDED: {State.SETTLED},
 }
 
@@ -71,6 +72,7 @@ class RequestContext:
     gateway_error: str | None = None  # Envoy's response code details when Envoy itself answered
     streamed: bool = False
     pending_admit: "asyncio.Task[Admission] | None" = None  # a reserve still running when the stream died
+    cache: str = "off"  # the response cache's verdict: hit | miss | skip | off (extproc/cache/flow.py)
 
     def to(self, state: State) -> None:
         if state not in _NEXT.get(self.state, ()):

@@ -59,6 +59,7 @@ def _request(ctx: RequestContext) -> dict[str, Any]:
         "reserved_usd": adm.reserved_nusd / NANO_PER_USD if adm else 0.0,
         "budget_store_error": bool(adm and adm.store_error),
         "stream": ctx.streamed,
+        "cache": ctx.cache,  # hit | miss | skip | off (extproc/cache/)
     }
 
 

@@ -6,7 +6,9 @@ Every way a request can end comes through here:
                  stream went away after forwarding (`interrupted`, from `close`): settle with the
                  meter's cost, real or estimated, in one Redis call with the rollup and the record.
 * `refuse(err)`  the gateway answers the client itself: record it (on the sinks only: refusals
-                 write nothing per request to Redis), releasing a lease if one was already held.
+                 write no key or stream entry to Redis; a budget block adds 1 to its day's
+                 `d:blocked` rollup count), releasing a lease if one was already held.
+* `cached(...)`  a response-cache hit (extproc/cache/): settled at $0 with its record, never forwarded.
 * `close()`      the gRPC stream ended, however: whatever is still open is resolved. A reserve
                  still running (the client left mid-admission) is awaited and released; a lease
                  never forwarded is released; a forwarded request is settled as `interrupted`.
@@ -24,7 +26,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GatewayError
-from ..usage import usage_write
+from ..usage import count_blocked, usage_write
 from .context import RequestContext, State
 from .meters import JsonMeter, Metered, SseMeter
 from .record import build_record
@@ -86,8 +88,36 @@ class Settler:
             await run_protected(self._release())
         record = build_record(ctx, None, 0, complete=True, end="refused")
         record["settlement"] = "released" if held else None
+        if ctx.decision == "blocked" and self.gw.redis is not None:
+            # the dashboard's decisions chart: one HINCRBY in the day's rollup, not awaited
+            run_protected(count_blocked(self.gw.redis, record))
         self._emit(record)
         return record
+
+    # cache: a response-cache hit (extproc/cache/flow.py) ends here ------------------------------
+    async def cached(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """A request answered from the response cache, once admitted: $0. Its lease (if a budget
+        matched) is settled at 0 in the same call that rolls it up and writes its record, which
+        carries `fields` (`cache_rule`, `avoided_cost_nusd`, ...)."""
+        ctx = self.ctx
+        ctx.status = ctx.status or 200
+        ctx.to(State.CACHED)
+        return await run_protected(self._settle_cached(fields))
+
+    async def _settle_cached(self, fields: dict[str, Any]) -> dict[str, Any]:
+        ctx = self.ctx
+        record = {**build_record(ctx, None, 0, complete=True, end="cache_hit"), **fields}
+        settlement: str | None = None
+        if self.budgets is not None:
+            counters = ctx.admission.counters if ctx.admission is not None else ()
+            settlement = await self.budgets.account(ctx.request_id, counters, 0, usage=usage_write(
+                record, bound=ctx.config.stream_bound))
+            if settlement in ("queued", "store_error"):
+                self.gw.metrics.redis_error("settle")
+        record["settlement"] = settlement
+        self._emit(record)
+        return record
+    # ---- end cache ---------------------------------------------------------------------------
 
     async def close(self) -> None:
         """The gRPC stream ended: resolve whatever is still open."""
@@ -152,4 +182,4 @@ class Settler:
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.record = record
-        self.gw.record(record)
+        self.gw.record(record, self.ctx.admission)  # the admission names the counters, for alerts
