@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from .budgets.outbox import Outbox
+    from .budgets.pipe import ScriptPipe
     from .metrics import Metrics
 
 log = logging.getLogger("tollgate.runtime")
@@ -57,10 +58,10 @@ class Runtime:
 
     @classmethod
     def build(cls, config: Config, *, redis: "aioredis.Redis | None", outbox: "Outbox | None", metrics: "Metrics",
-              auth: Authenticator | None = None) -> "Runtime":
+              auth: Authenticator | None = None, pipe: "ScriptPipe | None" = None) -> "Runtime":
         # Even with no budgets the engine is built: its settle call also writes the usage rollups.
         # Leases run on Redis's clock (clock=None), so replicas agree on expiry.
-        budgets = BudgetEngine(list(config.doc.budgets), redis, outbox=outbox) if redis is not None else None
+        budgets = BudgetEngine(list(config.doc.budgets), redis, outbox=outbox, pipe=pipe) if redis is not None else None
         return cls(config=config, auth=auth or Authenticator(config.doc.identity), budgets=budgets,
                    admitter=Admitter(budgets, metrics), provider_keys=read_provider_keys(config))
 

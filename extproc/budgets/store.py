@@ -32,6 +32,8 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
+from .pipe import ScriptPipe, sha1
+
 NO_COUNTER_MARKER_TTL = 86400
 """How long a request that counts against no budget is remembered as settled: its settle can be
 retried (from the outbox) within this time without being rolled up twice."""
@@ -105,6 +107,7 @@ def _script_text(name: str) -> str:
 
 
 _SCRIPTS = {name: _script_text(name) for name in ("reserve", "settle", "release", "read")}
+_SHAS = {name: sha1(text) for name, text in _SCRIPTS.items()}
 
 
 def _keys(counters: list[CounterRef]) -> list[str]:
@@ -122,11 +125,12 @@ def _num(now: float | None) -> str:
 class BudgetStore:
     """Typed wrappers over the four scripts (EVALSHA, loaded on first use); raises StoreError on any Redis failure."""
 
-    def __init__(self, redis: aredis.Redis, *, prefix: str, grace: int) -> None:
+    def __init__(self, redis: aredis.Redis, *, prefix: str, grace: int, pipe: ScriptPipe | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.grace = grace
         self._scripts = {name: redis.register_script(text) for name, text in _SCRIPTS.items()}
+        self._pipe = pipe  # the scripts' own connection, when the gateway has one (extproc/budgets/pipe.py)
 
     async def load(self) -> None:
         """SCRIPT LOAD every script, so the first EVALSHA does not miss."""
@@ -138,6 +142,8 @@ class BudgetStore:
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
+            if self._pipe is not None:
+                return await self._pipe.evalsha(_SHAS[name], _SCRIPTS[name], keys, args)
             return await self._scripts[name](keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"{type(e).__name__}: {e}") from e
