@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .access import AccessRule
-from .budgets import BudgetList
+from .budgets import BudgetList, RateLimitList
 from .identity import IdentityConfig
 from .policy_yaml import PolicyError, SourceMap, load_yaml
 from .pricing import ModelPrice, PriceTable
@@ -214,6 +214,7 @@ class PolicyDoc(_Strict):
     routes: list[Route]
     gateway: GatewaySection = GatewaySection()
     budgets: BudgetList = []
+    rate_limits: RateLimitList = []
     access: list[AccessRule] = []
     identity: IdentityConfig = IdentityConfig()
     admin: list[AdminRule] = Field(default_factory=list, description="admin API rules (where-rules; any match grants)")
