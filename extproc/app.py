@@ -21,6 +21,7 @@ from .alerts.monitor import AlertMonitor
 from .attribution import Sink, stdout_sink
 from .budgets import Admission, BudgetEngine
 from .budgets.outbox import Outbox
+from .budgets.pipe import ScriptPipe
 from .config import Config, load_config, policy_files
 from .policy_yaml import PolicyError
 from .runtime import Runtime, describe_changes
@@ -58,7 +59,10 @@ class Gateway:
         self.state_dir = state_dir  # `serve --state-dir`: the admin API writes its access log there
         self.xds_dir = xds_dir  # `serve --xds-dir`: Envoy's provider clusters and routes, rewritten on reload
         self.concurrency = ConcurrencyCap()  # in-flight requests per identity
-        self.runtime = Runtime.build(config, redis=redis, outbox=outbox, metrics=self.metrics, auth=auth)
+        # The budget scripts' own connection (extproc/budgets/pipe.py); everything else uses `redis`.
+        self.pipe = ScriptPipe.for_client(redis) if redis is not None else None
+        self.runtime = Runtime.build(config, redis=redis, outbox=outbox, metrics=self.metrics, auth=auth,
+                                     pipe=self.pipe)
         self.metrics.policy_loaded(config.digest, self.runtime.loaded_at)
         self._reloading = asyncio.Lock()
         # Webhooks about budget events (extproc/alerts/): fed by `record`, run by `run_alerts`.
@@ -116,7 +120,7 @@ class Gateway:
                 # removed one until no request of the old policy can still be: both first.
                 if await asyncio.to_thread(_write_xds, config, self.xds_dir, old.config):
                     await asyncio.sleep(XDS_PICKUP_SECONDS)
-            new = old.succeeded_by(config, redis=self.redis, outbox=self.outbox, metrics=self.metrics)
+            new = old.succeeded_by(config, redis=self.redis, outbox=self.outbox, metrics=self.metrics, pipe=self.pipe)
             self.runtime = new
             old.retire()
             self.metrics.policy_loaded(config.digest, new.loaded_at)
@@ -246,6 +250,8 @@ class Gateway:
             await self.alerts.close()  # deliveries in flight get a moment, then are logged as abandoned
         self.runtime.retire()
         await self.runtime.closed()
+        if self.pipe is not None:
+            await self.pipe.close()
         if self.redis is not None:
             await self.redis.aclose()
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .access import AccessRule
 from .alerts import AlertList, alert_problems
-from .budgets import BudgetList
+from .budgets import BudgetList, RateLimitList
 from .cache.policy import CacheList  # response cache (extproc/cache/)
 from .identity import IdentityConfig
 from .policy_yaml import PolicyError, SourceMap, load_yaml
@@ -233,6 +233,7 @@ class PolicyDoc(_Strict):
     routes: list[Route]
     gateway: GatewaySection = GatewaySection()
     budgets: BudgetList = []
+    rate_limits: RateLimitList = []
     access: list[AccessRule] = []
     identity: IdentityConfig = IdentityConfig()
     admin: list[AdminRule] = Field(default_factory=list, description="admin API rules (where-rules; any match grants)")

@@ -26,6 +26,7 @@ class GatewayError(Exception):
         param: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        openai_type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -35,6 +36,7 @@ class GatewayError(Exception):
         self.param = param
         self.headers = headers or {}
         self.extra = extra or {}
+        self.openai_type = openai_type  # where OpenAI's `type` differs from Anthropic's (rate limits: "requests")
 
     def body(self, shape: Shape) -> bytes:
         """The JSON body in the provider's error shape; `extra` fields sit beside `message`."""
@@ -44,7 +46,7 @@ class GatewayError(Exception):
                 err["code"] = self.code
             err.update(self.extra)
             return orjson.dumps({"type": "error", "error": err})
-        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        err = {"message": self.message, "type": self.openai_type or self.type, "param": self.param, "code": self.code}
         err.update(self.extra)
         return orjson.dumps({"error": err})
 

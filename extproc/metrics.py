@@ -21,10 +21,12 @@ costs a dict lookup plus a locked add per series.
 from __future__ import annotations
 
 import copy
+from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
 NANO_PER_USD = 1_000_000_000
 
@@ -86,14 +88,14 @@ class Metrics:
                               spend_labels, registry=r)
         self._tokens = Counter("tollgate_tokens", "Tokens by kind (input, cached_input, cache_write, output), "
                                "model (price-table entry) and provider.", ("kind", "model", "provider"), registry=r)
-        self._duration = Histogram("tollgate_request_duration_seconds", "Whole-request latency seen by the ext_proc.",
-                                   buckets=REQUEST_BUCKETS, registry=r)
+        self._duration = FastHistogram("tollgate_request_duration_seconds", "Whole-request latency seen by the ext_proc.",
+                                       (), REQUEST_BUCKETS, registry=r)
         self._incomplete = Counter("tollgate_incomplete_responses", "Responses cut short (usage not fully known).",
                                    ("provider",), registry=r)
         self._store_errors = Counter("tollgate_budget_store_errors",
                                      "Requests whose budget admission hit a budget store error.", registry=r)
-        self._phase = Histogram("tollgate_extproc_phase_seconds", "Time spent handling one ext_proc phase.",
-                                ("phase",), buckets=PHASE_BUCKETS, registry=r)
+        self._phase = FastHistogram("tollgate_extproc_phase_seconds", "Time spent handling one ext_proc phase.",
+                                    ("phase",), PHASE_BUCKETS, registry=r)
         self._redis_errors = Counter("tollgate_redis_errors", "Redis errors by operation.", ("op",), registry=r)
         self._lifecycle = Counter("tollgate_request_lifecycle_events",
                                   "Requests that ended off the happy path: cancelled_in_admission, "
@@ -136,7 +138,6 @@ class Metrics:
         self._c_spend: dict[tuple[str, ...], Any] = {}
         self._c_tokens: dict[tuple[str, ...], Any] = {}
         self._c_incomplete: dict[str, Any] = {}
-        self._c_phase: dict[str, Any] = {}
         self._c_redis: dict[str, Any] = {}
         self._c_util: dict[str, Any] = {}
         self._c_lifecycle: dict[str, Any] = {}
@@ -178,7 +179,7 @@ class Metrics:
 
         latency_ms = get("latency_ms")
         if latency_ms is not None:
-            self._duration.observe(_num(latency_ms) / 1000.0)
+            self._duration.observe((), _num(latency_ms) / 1000.0)
 
         if get("complete") is False:
             child = self._c_incomplete.get(provider)
@@ -205,10 +206,7 @@ class Metrics:
                 child.inc(avoided / NANO_PER_USD)
 
     def phase_latency(self, phase: str, seconds: float) -> None:
-        child = self._c_phase.get(phase)
-        if child is None:
-            child = self._c_phase[phase] = self._phase.labels(_label(phase))
-        child.observe(seconds)
+        self._phase.observe((phase or UNKNOWN,), seconds)
 
     def redis_error(self, op: str) -> None:
         child = self._c_redis.get(op)
@@ -276,6 +274,48 @@ class Metrics:
         srv = MetricsServer(self, host, port)
         await srv.start()
         return srv
+
+
+class FastHistogram:
+    """A histogram observed several times per request, without prometheus_client's locks.
+
+    prometheus_client's Histogram takes a lock per bucket add and per sum add and walks its
+    buckets in Python: about 3% of the ext_proc's samples under load for the phase histogram
+    (four observations a request). Observations here come only from the event loop's thread, so
+    plain lists of ints suffice: a bisect and two adds. Exposed as a normal histogram family
+    (`_bucket` cumulative with `le`, `_count`, `_sum`).
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._bounds = tuple(buckets)
+        self._series: dict[tuple[str, ...], list[float]] = {}  # labels -> [n per bucket..., n above, sum]
+        registry.register(self)
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0] * (len(self._bounds) + 2)
+        series[bisect_left(self._bounds, value)] += 1
+        series[-1] += value
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, series in list(self._series.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*self._bounds, float("inf")), series[:-1]):
+                cumulative += int(n)
+                buckets.append((_le(bound), cumulative))
+            fam.add_metric(list(labels), buckets, series[-1])
+        yield fam
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class _WithoutCreated:

@@ -221,6 +221,8 @@ class Processor:
             add["x-tollgate-decision"] = adm.decision
             if adm.tightest is not None:  # the enforce budget with the least left, after this reservation
                 add.update(budget_replies.status_headers(adm.tightest))
+            if adm.rate_limits and ctx.api is not None:  # x-ratelimit-* / anthropic-ratelimit-*
+                add.update(ctx.api.rate_limit_headers(adm.rate_limits))
             if adm.decision == "clamped" or (adm.decision == "downgraded" and ctx.req
                                              and adm.max_output_tokens < (ctx.req.output_cap or 1 << 60)):
                 add["x-tollgate-max-tokens-clamped"] = str(adm.max_output_tokens)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
     from .budgets.outbox import Outbox
+    from .budgets.pipe import ScriptPipe
     from .metrics import Metrics
 
 log = logging.getLogger("tollgate.runtime")
@@ -57,10 +58,11 @@ class Runtime:
 
     @classmethod
     def build(cls, config: Config, *, redis: "aioredis.Redis | None", outbox: "Outbox | None", metrics: "Metrics",
-              auth: Authenticator | None = None) -> "Runtime":
+              auth: Authenticator | None = None, pipe: "ScriptPipe | None" = None) -> "Runtime":
         # Even with no budgets the engine is built: its settle call also writes the usage rollups.
         # Leases run on Redis's clock (clock=None), so replicas agree on expiry.
-        budgets = BudgetEngine(list(config.doc.budgets), redis, outbox=outbox) if redis is not None else None
+        budgets = (BudgetEngine(list(config.doc.budgets), redis, outbox=outbox, pipe=pipe,
+                                rate_limits=list(config.doc.rate_limits)) if redis is not None else None)
         return cls(config=config, auth=auth or Authenticator(config.doc.identity), budgets=budgets,
                    admitter=Admitter(budgets, metrics), provider_keys=read_provider_keys(config))
 
@@ -140,6 +142,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
                 if before[n] != after[n]:
                     out.append(f"{what} {n} {changed}")
 
+    diff("rate limit", names(old.doc.rate_limits), names(new.doc.rate_limits))
     ob, nb = names(old.doc.budgets), names(new.doc.budgets)
     diff("budget", ob, nb, removed="removed (its counters stay in Redis until they expire)", changed=None)
     for n in sorted(ob.keys() & nb.keys()):

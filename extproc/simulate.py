@@ -157,9 +157,11 @@ class _ObservedEngine(BudgetEngine):
         super().__init__(budgets, redis)
         self.peeks: list[_Peek] = []
 
-    async def _peek_reserve(self, counters, req, cost, model, provider):  # type: ignore[no-untyped-def]
+    async def _peek_reserve(self, counters, req, amounts, model, provider):  # type: ignore[no-untyped-def]
+        # Budgets only (no rate limits are given to this engine): every counter holds the cost.
+        cost = amounts[0] if amounts else 0
         try:
-            res = await super()._peek_reserve(counters, req, cost, model, provider)
+            res = await super()._peek_reserve(counters, req, amounts, model, provider)
         except StoreError as e:
             self.peeks.append(_Peek(model, provider, list(counters), cost, None, str(e), req.now))
             raise
@@ -586,6 +588,14 @@ def policy_summary(config: Config, *, stale: Sequence[str] = (), today: date | N
         loc = _where(smap, ("budgets", i))
         out.append(f"  {b.name}: {scope_text(b)}; {window_for(b.window).describe()}; limit {limit}; {act}"
                    + (f"; {', '.join(flags)}" if flags else "") + (f"  [{loc}]" if loc else ""))
+    if doc.rate_limits:
+        out.append(f"rate limits ({len(doc.rate_limits)}):")
+        for i, rl in enumerate(doc.rate_limits):
+            what = ", ".join(x for x in (f"{rl.requests} requests" if rl.requests else "",
+                                         f"{rl.tokens} tokens" if rl.tokens else "") if x)
+            loc = _where(smap, ("rate_limits", i))
+            out.append(f"  {rl.name}: {scope_text(rl.as_budget())}; {what} per {rl.window} (sliding, "
+                       f"{window_for(rl.window_spec()).bucket_seconds}s buckets)" + (f"  [{loc}]" if loc else ""))
     out.append(f"access rules ({len(doc.access)}):")
     for i, r in enumerate(doc.access):
         what = "; ".join(x for x in (f"allow {', '.join(r.allow)}" if r.allow is not None else "",

@@ -13,7 +13,6 @@ to docs/dashboard.png (the README's).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import os

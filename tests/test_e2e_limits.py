@@ -121,6 +121,8 @@ def test_one_key_flooding_unfinished_bodies_gets_429_and_others_are_served(limit
         err = r.json()
         assert err["type"] == "error" and err["error"]["type"] == "rate_limit_error", err
         assert err["error"]["code"] == "concurrency_limit"
+        assert r.headers["x-tollgate-concurrency-limit"] == str(CAP)
+        assert r.headers["x-tollgate-concurrency-in-flight"] == str(CAP)
     # The slots come back when the streams end.
     deadline = time.monotonic() + 10
     while True:

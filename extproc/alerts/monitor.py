@@ -224,6 +224,8 @@ class AlertMonitor:
                 continue
             cost = int(record.get("cost_nusd") or 0)
             for ref in adm.counters:
+                if ref.unit != "usd":  # a rate limit's window (docs/ratelimits.md): no budget alerts
+                    continue
                 name = _budget_of(ref.key, self.prefix)
                 if not rules.reads(name):
                     continue

@@ -3,7 +3,7 @@
 from .admission import Admission, BudgetStatus, Decision, ReleaseOutcome, SettleOutcome
 from .engine import BudgetEngine
 from .money import NANO_PER_USD, nusd_to_usd, usd_to_nusd
-from .policy import Budget, BudgetList, BudgetsSection, load_budgets
+from .policy import Budget, BudgetList, BudgetsSection, RateLimit, RateLimitList, load_budgets
 from .store import StoreError
 
 __all__ = [
@@ -13,6 +13,8 @@ __all__ = [
     "BudgetList",
     "BudgetStatus",
     "BudgetsSection",
+    "RateLimit",
+    "RateLimitList",
     "Decision",
     "NANO_PER_USD",
     "ReleaseOutcome",

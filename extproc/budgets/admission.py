@@ -36,6 +36,7 @@ class BudgetStatus:
     mode: Mode
     window: str
     warn_level: float | None = None
+    unit: str = "usd"  # "requests" / "tokens": a rate limit's counter; its *_nusd fields then count those
 
 
 @dataclass
@@ -62,6 +63,10 @@ class Admission:
     request_id: str = ""
     budgets: list[str] = field(default_factory=list)  # names of the budgets this request counts against
     counters: tuple[CounterRef, ...] = ()
+    # Rate limits: the counters this request counts against (after its reservation), and on a
+    # refusal the one it exceeded (then `blocking` is None and the decision "blocked").
+    rate_limits: list[BudgetStatus] = field(default_factory=list)
+    limited: BudgetStatus | None = None
 
     @property
     def admitted(self) -> bool:

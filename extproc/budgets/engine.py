@@ -37,7 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
@@ -45,17 +45,23 @@ from redis.exceptions import RedisError
 from .admission import Admission, BudgetStatus, Decision, ReleaseOutcome, SettleOutcome
 from .match import Attrs, budget_matches, limit_nusd, per_key, per_values
 from .money import nusd_to_usd
-from .policy import Budget
+from .policy import Budget, RateLimit
 from .outbox import Outbox
+from .pipe import ScriptPipe
 from .store import BudgetStore, CounterRef, CounterState, ReserveResult, StoreError, UsageWrite
 from .windows import KEY_GRACE_SECONDS, Calendar, Period, Rolling, Window, window_for
 
 log = logging.getLogger(__name__)
 
+Unit = Literal["usd", "requests", "tokens"]
+
 CostFn = Callable[[str, int, int], "int | None"]
 LeaseMeta = Callable[[str, str, list[str], int], bytes]
 """(model, provider, budget names, amount reserved) -> what the lease keeps for an expiry to record itself."""
 ProviderOf = Callable[[str], "str | None"]
+
+_MATCH_CACHE_SIZE = 4096
+"""Distinct (identity attributes, model) combinations whose matching budgets are remembered."""
 
 CLAMP_ATTEMPTS = 3
 """Reserve attempts for a clamped cap when concurrent requests keep taking the room; each is one EVALSHA."""
@@ -63,8 +69,12 @@ CLAMP_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class _Compiled:
+    """A budget, or one half (requests or tokens) of a rate limit seen as a budget in other units."""
+
     budget: Budget
     window: Window
+    unit: Unit = "usd"
+    fixed_limit: int = 0  # a rate limit's requests or tokens per window (a budget's limit depends on attrs)
 
     @property
     def enforce(self) -> bool:
@@ -121,16 +131,26 @@ class BudgetEngine:
         prefix: str = "tollgate:",
         outbox: Outbox | None = None,
         redis_time: bool | None = None,
+        pipe: ScriptPipe | None = None,
+        rate_limits: list[RateLimit] | None = None,
     ) -> None:
         """`clock` picks calendar periods and key TTLs (default: time.time). Leases and rolling
         buckets run on Redis's clock when `redis_time` (the default without a `clock`), else on
         `clock` too (tests that move time by hand)."""
+        # Budgets first: a request's first counter, which keeps its lease's meta and decides the
+        # settle's outcome, is a budget's whenever one applies (settle.lua, reserve.lua).
         self._budgets = [_Compiled(b, window_for(b.window)) for b in budgets]
+        for rl in rate_limits or ():
+            as_budget = rl.as_budget()
+            for unit, limit in (("requests", rl.requests), ("tokens", rl.tokens)):
+                if limit is not None:
+                    self._budgets.append(_Compiled(as_budget, window_for(as_budget.window), unit, limit))
         self._clock = clock or time.time
         use_redis = clock is None if redis_time is None else redis_time
         self._script_clock = None if use_redis else self._clock
         self._prefix = prefix
-        self._store = BudgetStore(redis, prefix=prefix, grace=KEY_GRACE_SECONDS)
+        self._store = BudgetStore(redis, prefix=prefix, grace=KEY_GRACE_SECONDS, pipe=pipe)
+        self._match_cache: dict[tuple[Any, ...], list[tuple[_Compiled, dict[str, str], str, int]]] = {}
         self.outbox = outbox
 
     def _script_now(self) -> float | None:
@@ -144,24 +164,44 @@ class BudgetEngine:
 
     # ---- matching -------------------------------------------------------------------------
 
-    def _counters(self, attrs: Attrs, now: float, *, for_status: bool = False) -> list[_Counter]:
-        out: list[_Counter] = []
+    def _matching(self, attrs: Attrs, for_status: bool) -> list[tuple[_Compiled, dict[str, str], str, int]]:
+        """The budgets these attrs count against, each with its `per` values, their key part and the
+        limit that applies: what does not depend on the time, so it is worked out once per
+        distinct identity and model (the matching, tier and override rules, the limit's Decimal
+        arithmetic and the key quoting were about a tenth of the ext_proc's Python per request)."""
+        key = (for_status, *((k, tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()))
+        hit = self._match_cache.get(key)
+        if hit is not None:
+            return hit
+        out = []
         for cb in self._budgets:
             b = cb.budget
             if not budget_matches(b, attrs, ignore_missing_model=for_status):
                 continue
             per = per_values(b, attrs)
-            w = cb.window
+            out.append((cb, per, per_key(per), limit_nusd(b, attrs) if cb.unit == "usd" else cb.fixed_limit))
+        if len(self._match_cache) >= _MATCH_CACHE_SIZE:
+            self._match_cache.clear()  # many distinct identities: start over rather than grow
+        self._match_cache[key] = out
+        return out
+
+    def _counters(self, attrs: Attrs, now: float, *, for_status: bool = False) -> list[_Counter]:
+        out: list[_Counter] = []
+        for cb, per, per_part, limit in self._matching(attrs, for_status):
+            b, w = cb.budget, cb.window
             if isinstance(w, Calendar):
                 period: Period | None = w.period(now)
                 assert period is not None
-                ref = CounterRef(f"{self._prefix}b:{b.name}:{period.id}:{per_key(per)}", period.end)
-            else:
+                ref = CounterRef(f"{self._prefix}b:{b.name}:{period.id}:{per_part}", period.end)
+            elif cb.unit == "usd":
                 period = None
-                ref = CounterRef(
-                    f"{self._prefix}b:{b.name}:{w.key_part()}:{per_key(per)}", None, w.bucket_seconds, w.n_buckets
-                )
-            out.append(_Counter(cb, per, ref, limit_nusd(b, attrs), period))
+                ref = CounterRef(f"{self._prefix}b:{b.name}:{w.key_part()}:{per_part}", None, w.bucket_seconds,
+                                 w.n_buckets)
+            else:  # a rate limit: its own key space, never read as a budget
+                period = None
+                ref = CounterRef(f"{self._prefix}rl:{b.name}:{cb.unit}:{w.key_part()}:{per_part}", None,
+                                 w.bucket_seconds, w.n_buckets, cb.unit)
+            out.append(_Counter(cb, dict(per), ref, limit, period))
         return out
 
     def counter_keys(self, attrs: Attrs) -> list[str]:
@@ -185,6 +225,8 @@ class BudgetEngine:
             if st.buckets:
                 retry = w.retry_after(now, list(st.buckets), st.reserved, 0 if held else max(cost, 1), c.limit)
             resets_at = now + retry if retry else None
+            if resets_at is None and c.cb.unit != "usd":  # when what this window now holds has aged out
+                resets_at = float((w.bucket_index(now) + w.n_buckets) * w.bucket_seconds)
         return BudgetStatus(
             name=c.cb.budget.name,
             key=c.ref.key,
@@ -197,7 +239,8 @@ class BudgetEngine:
             retry_after_seconds=retry,
             mode=c.cb.budget.mode,
             window=w.describe(),
-            warn_level=_warn_level(c.cb.budget, used, c.limit),
+            warn_level=_warn_level(c.cb.budget, used, c.limit) if c.cb.unit == "usd" else None,
+            unit=c.cb.unit,
         )
 
     # ---- admit ----------------------------------------------------------------------------
@@ -259,7 +302,7 @@ class BudgetEngine:
         cost_fn, now = req.cost_fn, req.now
         eff: dict[str, str | list[str]] = {**req.attrs, "model": model, "provider": provider}
         counters = self._counters(eff, now)
-        names = [c.cb.budget.name for c in counters]
+        names = [c.cb.budget.name for c in counters if c.cb.unit == "usd"]
         base: dict[str, Any] = dict(
             model=model, provider=provider, max_output_tokens=max_output_tokens, request_id=request_id, budgets=names
         )
@@ -267,20 +310,28 @@ class BudgetEngine:
             return _Attempt(Admission("allowed", reason="no budget applies", **base), [])
         cost = cost_fn(model, input_tokens, max_output_tokens)
         if cost is None:
-            enforce = [c for c in counters if c.cb.enforce]
+            enforce = [c for c in counters if c.cb.enforce and c.cb.unit == "usd"]
             if enforce:
                 reason = f"model {model!r} has no price; budget {enforce[0].cb.budget.name!r} cannot be enforced"
                 return _Attempt(Admission("blocked", reason=reason, **base), enforce)
             cost = 0
+        amounts = _amounts(counters, cost, input_tokens, max_output_tokens)
         try:
-            res = await self._reserve(counters, req, cost, model, provider)
+            res = await self._reserve(counters, req, amounts, model, provider)
         except StoreError as e:
             return _Attempt(self._store_failure(counters, e, base), [])
         if res.ok:
-            return _Attempt(self._admitted("allowed", counters, res.states, cost, now, base), [])
+            return _Attempt(self._admitted("allowed", counters, res.states, cost, amounts, now, base), [])
 
         failing = [c for c, s in zip(counters, res.states) if c.cb.enforce and s.over]
         states = res.states
+        limited = next((c for c in failing if c.cb.unit != "usd"), None)
+        if limited is not None:  # a rate limit: no clamp or fallback makes room, the window must age
+            i = counters.index(limited)
+            st = self._status(limited, states[i], now, cost=amounts[i], held=False)
+            reason = (f"rate limit {st.name!r} exceeded: {st.spent_nusd + st.reserved_nusd} {st.unit} in its window "
+                      f"+ {amounts[i]} > {st.limit_nusd}")
+            return _Attempt(Admission("blocked", limited=st, reason=reason, **base), failing)
         if all(c.cb.budget.clamp for c in failing) and min_output_tokens <= max_output_tokens:
             for _ in range(CLAMP_ATTEMPTS):
                 cap = self._largest_cap(counters, states, cost_fn, model, input_tokens, min_output_tokens, max_output_tokens)
@@ -288,12 +339,14 @@ class BudgetEngine:
                     break
                 clamped_cost = cost_fn(model, input_tokens, cap)
                 assert clamped_cost is not None
+                clamped = _amounts(counters, clamped_cost, input_tokens, cap)
                 try:
-                    res = await self._reserve(counters, req, clamped_cost, model, provider)
+                    res = await self._reserve(counters, req, clamped, model, provider)
                 except StoreError as e:
                     return _Attempt(self._store_failure(counters, e, base), [])
                 if res.ok:
-                    adm = self._admitted("clamped", counters, res.states, clamped_cost, now, {**base, "max_output_tokens": cap})
+                    adm = self._admitted("clamped", counters, res.states, clamped_cost, clamped, now,
+                                         {**base, "max_output_tokens": cap})
                     adm.blocking = self._status(failing[0], states[counters.index(failing[0])], now, cost=cost, held=False)
                     adm.reason = f"budget {failing[0].cb.budget.name!r} nearly exhausted; max_output_tokens lowered to {cap}"
                     return _Attempt(adm, [])
@@ -314,18 +367,23 @@ class BudgetEngine:
         )
         return _Attempt(Admission("blocked", blocking=blocking, shadow_blocked=shadow, reason=reason, **base), failing)
 
-    async def _reserve(self, counters: list[_Counter], req: _Request, cost: int, model: str,
+    async def _reserve(self, counters: list[_Counter], req: _Request, amounts: list[int], model: str,
                        provider: str) -> ReserveResult:
+        # The lease's meta sits on the first counter and an expiry records that counter's amount
+        # as the cost: only a budget's amount is one.
+        meta = b""
+        if req.meta is not None and counters[0].cb.unit == "usd":
+            meta = req.meta(model, provider, [c.cb.budget.name for c in counters if c.cb.unit == "usd"], amounts[0])
         return await self._store.reserve(
             [c.ref for c in counters],
             [c.limit for c in counters],
             [c.cb.enforce for c in counters],
             request_id=req.request_id,
-            cost=cost,
+            amounts=amounts,
             now=self._script_now(),
             ttl_now=req.now,
             lease_seconds=req.lease_seconds,
-            meta=req.meta(model, provider, [c.cb.budget.name for c in counters], cost) if req.meta is not None else b"",
+            meta=meta,
         )
 
     @staticmethod
@@ -339,7 +397,8 @@ class BudgetEngine:
         hi: int,
     ) -> int | None:
         """Largest output cap in [lo, hi] whose worst case fits every enforce counter's headroom (None if not even lo)."""
-        headroom = min(c.limit - s.spent - s.reserved for c, s in zip(counters, states) if c.cb.enforce)
+        headroom = min(c.limit - s.spent - s.reserved for c, s in zip(counters, states)
+                       if c.cb.enforce and c.cb.unit == "usd")
 
         def fits(n: int) -> bool:
             cost = cost_fn(model, input_tokens, n)
@@ -361,13 +420,15 @@ class BudgetEngine:
         counters: list[_Counter],
         states: list[CounterState],
         cost: int,
+        amounts: list[int],
         now: float,
         base: dict[str, Any],
     ) -> Admission:
-        statuses = [self._status(c, s, now, cost=cost, held=True) for c, s in zip(counters, states)]
-        enforce = [st for st in statuses if st.mode == "enforce"]
+        statuses = [self._status(c, s, now, cost=a, held=True) for c, s, a in zip(counters, states, amounts)]
+        enforce = [st for st in statuses if st.mode == "enforce" and st.unit == "usd"]
         shadow = [
-            self._status(c, s, now, cost=cost, held=False) for c, s in zip(counters, states) if not c.cb.enforce and s.over
+            self._status(c, s, now, cost=a, held=False)
+            for c, s, a in zip(counters, states, amounts) if not c.cb.enforce and s.over
         ]
         return Admission(
             decision,
@@ -377,6 +438,7 @@ class BudgetEngine:
             shadow_blocked=shadow,
             reason="within budget" if decision == "allowed" else "",
             counters=tuple(c.ref for c in counters),
+            rate_limits=[st for st in statuses if st.unit != "usd"],
             **base,
         )
 
@@ -421,14 +483,14 @@ class BudgetEngine:
         adm.request_id = ""
         return adm
 
-    async def _peek_reserve(self, counters: list[_Counter], req: _Request, cost: int, model: str,
+    async def _peek_reserve(self, counters: list[_Counter], req: _Request, amounts: list[int], model: str,
                             provider: str) -> ReserveResult:
-        """reserve.lua's verdict without its writes: over = spent + reserved + cost > limit, per counter."""
+        """reserve.lua's verdict without its writes: over = spent + reserved + amount > limit, per counter."""
         now = req.now
         states = await self._peek([c.ref for c in counters], now)
         ok, out = True, []
-        for c, s in zip(counters, states, strict=True):
-            over = s.spent + s.reserved + cost > c.limit
+        for c, s, amount in zip(counters, states, amounts, strict=True):
+            over = s.spent + s.reserved + amount > c.limit
             if over and c.cb.enforce:
                 ok = False
             # Like reserve.lua: buckets (for retry_after) only for counters that are over.
@@ -473,23 +535,26 @@ class BudgetEngine:
 
     # ---- settle / release / status --------------------------------------------------------
 
-    async def settle(self, admission: Admission, actual_nusd: int) -> SettleOutcome:
+    async def settle(self, admission: Admission, actual_nusd: int, tokens: int = 0) -> SettleOutcome:
         """Replace the reservation by the real cost on every counter it touched; idempotent per request_id; never raises."""
         if not admission.counters:
             return "nothing"
-        return await self.account(admission.request_id, admission.counters, actual_nusd)
+        return await self.account(admission.request_id, admission.counters, actual_nusd, tokens=tokens)
 
     async def account(self, request_id: str, counters: tuple[CounterRef, ...], actual_nusd: int, *,
-                      usage: UsageWrite | None = None) -> SettleOutcome:
+                      usage: UsageWrite | None = None, tokens: int = 0) -> SettleOutcome:
         """Settle `counters` (possibly none) and, with `usage`, write the attribution rollups and
-        record in the same atomic call. Idempotent per request_id; never raises.
+        record in the same atomic call. Idempotent per request_id; never raises. `tokens` (all
+        input kinds plus output, as the provider reported) is what token rate limits are charged.
 
         When Redis cannot take it, the call goes to the outbox ("queued") and is replayed later;
         without an outbox it is lost ("store_error", logged)."""
         if not counters and usage is None:
             return "nothing"
-        keys, args = self._store.settle_call(list(counters), request_id=request_id, actual=max(0, int(actual_nusd)),
-                                             now=self._script_now(), ttl_now=self._clock(), usage=usage)
+        actual = max(0, int(actual_nusd))
+        keys, args = self._store.settle_call(list(counters), request_id=request_id, actual=actual,
+                                             now=self._script_now(), ttl_now=self._clock(), usage=usage,
+                                             actuals=settled_amounts(counters, actual, max(0, tokens)))
         try:
             outcome = await self._store.replay_settle(keys, args)
         except StoreError as e:
@@ -576,6 +641,19 @@ class BudgetEngine:
         states = await self._store.read([c.ref for c in counters], now=self._script_now())
         return [self._status(c, s, now, cost=0, held=False) for c, s in zip(counters, states)]
 
+
+
+def _amounts(counters: list[_Counter], cost: int, input_tokens: int, cap: int) -> list[int]:
+    """What a reservation holds on each counter: a budget the worst-case cost, a request rate
+    limit one request, a token rate limit the input upper bound plus the output cap."""
+    return [cost if c.cb.unit == "usd" else 1 if c.cb.unit == "requests" else input_tokens + cap for c in counters]
+
+
+def settled_amounts(counters: tuple[CounterRef, ...], cost: int, tokens: int) -> list[int] | None:
+    """What a settle charges each counter (None: the cost on every one, the settle's old layout)."""
+    if all(c.unit == "usd" for c in counters):
+        return None
+    return [cost if c.unit == "usd" else 1 if c.unit == "requests" else tokens for c in counters]
 
 
 def _int(v: object) -> int:

@@ -47,6 +47,7 @@ from pydantic import (
     Tag,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .money import usd_to_nusd
@@ -266,6 +267,61 @@ class BudgetsSection(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     budgets: BudgetList = Field(default_factory=list)
+
+
+class RateLimit(_Strict):
+    """Requests and/or tokens per sliding window, counted like a budget (docs/ratelimits.md).
+
+    `requests` counts every admitted request; `tokens` reserves the request's worst case (input
+    upper bound plus output cap) and settles to what the provider reported (all input kinds plus
+    output). Both are checked in the same Redis call as the budgets' reservation, all or nothing.
+    """
+
+    name: str
+    match: Match = Field(default_factory=Match)
+    per: list[str] = Field(default_factory=list)
+    requests: int | None = Field(default=None, gt=0)
+    tokens: int | None = Field(default=None, gt=0)
+    window: str = "1m"
+    bucket: str | None = None
+
+    _name = field_validator("name")(Budget._name.__func__)  # type: ignore[attr-defined]
+    _per = field_validator("per")(Budget._per.__func__)  # type: ignore[attr-defined]
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, v: str) -> str:
+        parse_duration(v)
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> "RateLimit":
+        if self.requests is None and self.tokens is None:
+            raise ValueError("a rate limit needs `requests`, `tokens`, or both")
+        self.window_spec()  # a bucket that does not divide the window is this entry's error
+        return self
+
+    def window_spec(self) -> "RollingWindowSpec":
+        """The sliding window, as a rolling budget window (validates `bucket` against `window`)."""
+        return RollingWindowSpec(rolling=self.window, bucket=self.bucket)
+
+    def as_budget(self) -> Budget:
+        """The budget-shaped view the engine matches and keys counters with (its limit is not dollars)."""
+        return Budget(name=self.name, match=self.match, per=self.per, limit_usd=Decimal(0), window=self.window_spec(),
+                      on_store_error="fail_open")
+
+
+def _unique_rate_limits(items: list[RateLimit]) -> list[RateLimit]:
+    seen: set[str] = set()
+    for r in items:
+        if r.name in seen:
+            raise ValueError(f"rate limit name {r.name!r} is used twice; names must be unique")
+        seen.add(r.name)
+    return items
+
+
+RateLimitList = Annotated[list[RateLimit], AfterValidator(_unique_rate_limits)]
+"""Use this type for the `rate_limits:` field of the top-level policy model."""
 
 
 def load_budgets(data: Any) -> list[Budget]:

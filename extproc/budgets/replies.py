@@ -9,9 +9,14 @@ import math
 from datetime import datetime, timezone
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from ..errors import GatewayError
 from .admission import Admission, BudgetStatus
 from .money import nusd_to_usd
+
+if TYPE_CHECKING:
+    from ..providers import Api
 
 
 def usd(nusd: int) -> str:
@@ -74,6 +79,21 @@ def blocked(adm: Admission, model: str, needed_nusd: int | None = None) -> Gatew
         headers["retry-after"] = str(retry)
     return GatewayError(429, message, type="budget_exceeded", code="budget_exceeded", headers=headers,
                         extra={"budget": budget_object(st)})
+
+
+def rate_limited(adm: Admission, api: "Api") -> GatewayError:
+    """The 429 of a rate limit, in the provider's own words: OpenAI's `rate_limit_exceeded` (type
+    `requests` or `tokens`), Anthropic's `rate_limit_error`, with Retry-After and the provider's
+    rate-limit headers (the exceeded limit's remaining is what is left before this request)."""
+    st = adm.limited
+    assert st is not None
+    who = ", ".join(f"{k}={v}" for k, v in st.per.items())
+    retry = max(1, math.ceil(st.retry_after_seconds or 1))
+    message = (f"Rate limit '{st.name}'{f' for {who}' if who else ''} reached: {st.spent_nusd + st.reserved_nusd} "
+               f"of {st.limit_nusd} {st.unit} used ({st.window}). Try again in {retry} s.")
+    headers = {**api.rate_limit_headers([st]), "retry-after": str(retry), "x-tollgate-rate-limit-name": st.name}
+    return GatewayError(429, message, type="rate_limit_error", openai_type=st.unit, code="rate_limit_exceeded",
+                        headers=headers)
 
 
 def store_unavailable() -> GatewayError:

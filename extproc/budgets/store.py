@@ -37,6 +37,8 @@ from typing import Any
 import redis.asyncio as aredis
 from redis.exceptions import RedisError
 
+from .pipe import ScriptPipe, sha1
+
 NO_COUNTER_MARKER_TTL = 86400
 """How long a request that counts against no budget is remembered as settled: its settle can be
 retried (from the outbox) within this time without being rolled up twice."""
@@ -67,6 +69,7 @@ class CounterRef:
     period_end: float | None  # calendar: end of the period the reservation was made in; rolling: None
     bucket_seconds: int = 0  # rolling only
     n_buckets: int = 0  # 0 = calendar counter
+    unit: str = "usd"  # what it counts: "usd" (a budget, nano-USD), "requests" or "tokens" (a rate limit)
 
     @property
     def lease_key(self) -> str:
@@ -110,6 +113,7 @@ def _script_text(name: str) -> str:
 
 
 _SCRIPTS = {name: _script_text(name) for name in ("reserve", "settle", "release", "read")}
+_SHAS = {name: sha1(text) for name, text in _SCRIPTS.items()}
 
 
 def _keys(counters: list[CounterRef]) -> list[str]:
@@ -127,11 +131,12 @@ def _num(now: float | None) -> str:
 class BudgetStore:
     """Typed wrappers over the four scripts (EVALSHA, loaded on first use); raises StoreError on any Redis failure."""
 
-    def __init__(self, redis: aredis.Redis, *, prefix: str, grace: int) -> None:
+    def __init__(self, redis: aredis.Redis, *, prefix: str, grace: int, pipe: ScriptPipe | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.grace = grace
         self._scripts = {name: redis.register_script(text) for name, text in _SCRIPTS.items()}
+        self._pipe = pipe  # the scripts' own connection, when the gateway has one (extproc/budgets/pipe.py)
 
     async def load(self) -> None:
         """SCRIPT LOAD every script, so the first EVALSHA does not miss."""
@@ -143,6 +148,8 @@ class BudgetStore:
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         try:
+            if self._pipe is not None:
+                return await self._pipe.evalsha(_SHAS[name], _SCRIPTS[name], keys, args)
             return await self._scripts[name](keys=keys, args=args)
         except (RedisError, OSError, TimeoutError) as e:
             raise StoreError(f"{type(e).__name__}: {e}") from e
@@ -154,21 +161,22 @@ class BudgetStore:
         enforce: list[bool],
         *,
         request_id: str,
-        cost: int,
+        amounts: list[int],
         now: float | None,
         ttl_now: float,
         lease_seconds: float,
         meta: bytes = b"",
     ) -> ReserveResult:
-        """Reserve `cost` on every counter if no enforce counter would exceed its limit; else reserve nothing.
+        """Reserve each counter's amount if no enforce counter would exceed its limit; else reserve nothing.
 
         `now` is the script's clock (None: Redis's); `ttl_now` the engine's, for key TTLs. `meta`
-        (see extproc/usage.py `lease_meta`) lets an expiry of this lease roll up and record its charge.
+        (see extproc/usage.py `lease_meta`) lets an expiry of this lease roll up and record its charge:
+        it is kept on the first counter, which must then be a budget's (its amount is the cost).
         """
-        args: list[Any] = [_num(now), request_id, repr(float(lease_seconds)), int(cost), len(counters), meta]
-        for c, limit, enf in zip(counters, limits, enforce, strict=True):
+        args: list[Any] = [_num(now), request_id, repr(float(lease_seconds)), 0, len(counters), meta]
+        for c, limit, enf, amount in zip(counters, limits, enforce, amounts, strict=True):
             until = "" if c.period_end is None else f"{c.period_end:.0f}"
-            args += [int(limit), 1 if enf else 0, c.ttl(ttl_now, self.grace), *c.window_args(), until]
+            args += [int(limit), 1 if enf else 0, c.ttl(ttl_now, self.grace), *c.window_args(), until, int(amount)]
         ok, rows, script_now = await self._run("reserve", _keys(counters), args)
         states = [
             CounterState(int(spent), int(reserved), bool(int(over)), tuple(int(b) for b in buckets))
@@ -177,7 +185,7 @@ class BudgetStore:
         return ReserveResult(bool(int(ok)), states, float(script_now))
 
     async def settle(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float | None,
-                     ttl_now: float, usage: "UsageWrite | None" = None) -> str:
+                     ttl_now: float, usage: "UsageWrite | None" = None, actuals: list[int] | None = None) -> str:
         """Charge `actual` once per request_id and drop its leases; returns the script's outcome:
         settled | settled_after_expiry | recorded (no counters) | duplicate (already settled).
 
@@ -185,12 +193,17 @@ class BudgetStore:
         appends its attribution record to the stream (see extproc/usage.py).
         """
         keys, args = self.settle_call(counters, request_id=request_id, actual=actual, now=now, ttl_now=ttl_now,
-                                      usage=usage)
+                                      usage=usage, actuals=actuals)
         return await self.replay_settle(keys, args)
 
     def settle_call(self, counters: list[CounterRef], *, request_id: str, actual: int, now: float | None,
-                    ttl_now: float, usage: "UsageWrite | None" = None) -> tuple[list[str], list[Any]]:
-        """The settle script's KEYS and ARGV: what the outbox keeps when Redis cannot take them."""
+                    ttl_now: float, usage: "UsageWrite | None" = None,
+                    actuals: list[int] | None = None) -> tuple[list[str], list[Any]]:
+        """The settle script's KEYS and ARGV: what the outbox keeps when Redis cannot take them.
+
+        `actuals`, one per counter, when they differ from `actual` (rate limits settle in requests
+        or tokens); without it every counter is charged `actual`, in the layout older gateways
+        queued, which the script still takes."""
         args: list[Any] = [_num(now), request_id, int(actual), len(counters)]
         for c in counters:
             args += [c.ttl(ttl_now, self.grace), *c.window_args()]
@@ -203,6 +216,8 @@ class BudgetStore:
                      usage.record_json, len(usage.increments)]
             for field, inc in usage.increments:
                 args += [field, int(inc)]
+        if actuals is not None:
+            args += ["A", *(int(a) for a in actuals)]
         return keys, args
 
     async def replay_settle(self, keys: list[str], args: list[Any]) -> str:

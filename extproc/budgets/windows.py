@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -49,13 +49,26 @@ class Calendar:
     unit: Literal["day", "week", "month"]
     tz: ZoneInfo
     week_start: int = 0  # 0 = Monday .. 6 = Sunday
+    _last: Period | None = field(default=None, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
     def from_spec(cls, spec: CalendarWindowSpec) -> "Calendar":
         return cls(spec.calendar, ZoneInfo(spec.timezone), WEEKDAYS.index(spec.week_start))
 
     def period(self, now: float) -> Period:
-        """The period containing `now`. Ids: day `2026-11-28`, week `W2026-11-23` (its first day), month `2026-11`."""
+        """The period containing `now`. Ids: day `2026-11-28`, week `W2026-11-23` (its first day), month `2026-11`.
+
+        Periods are contiguous half-open intervals, so the last one computed answers every `now`
+        inside it: the date arithmetic (four datetime conversions) runs once per period, not once
+        per request."""
+        last = self._last
+        if last is not None and last.start <= now < last.end:
+            return last
+        p = self._compute(now)
+        object.__setattr__(self, "_last", p)
+        return p
+
+    def _compute(self, now: float) -> Period:
         local = datetime.fromtimestamp(now, self.tz).date()
         if self.unit == "day":
             first, nxt = local, local + timedelta(days=1)

@@ -54,6 +54,8 @@ class Admitter:
             self.metrics.redis_error("admit")
         if not adm.admitted:
             ctx.to(State.REFUSED)
+            if adm.limited is not None:
+                raise budget_replies.rate_limited(adm, api)
             if adm.decision == "blocked":
                 raise budget_replies.blocked(adm, req.model, cand.cost_fn(req.model, req.input_tokens_upper, cand.cap))
             raise budget_replies.store_unavailable()

@@ -50,8 +50,11 @@ class ConcurrencyCap:
             raise GatewayError(
                 429, f"This identity already has {held} requests in flight through the gateway (the limit is "
                      f"{limit}); wait for one to finish.",
-                type="rate_limit_error", code="concurrency_limit",
-                headers={"retry-after": str(RETRY_AFTER_SECONDS)})
+                # Shaped like a rate limit's 429 (budgets/replies.py rate_limited): OpenAI's type
+                # `requests`, Anthropic's `rate_limit_error`, Retry-After, and the limit in headers.
+                type="rate_limit_error", openai_type="requests", code="concurrency_limit",
+                headers={"retry-after": str(RETRY_AFTER_SECONDS), "x-tollgate-concurrency-limit": str(limit),
+                         "x-tollgate-concurrency-in-flight": str(held)})
         self._held[key] = held + 1
         return Slot(self, key)
 

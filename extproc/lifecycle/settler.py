@@ -75,7 +75,8 @@ class Settler:
         """Record a request the gateway answered itself; drop a lease it held."""
         ctx = self.ctx
         ctx.status = err.status
-        ctx.decision = "blocked" if err.type == "budget_exceeded" else "refused"
+        # A budget's or a rate limit's refusal is a block; any other (identity, access, bad input) a refusal.
+        ctx.decision = "blocked" if err.type == "budget_exceeded" or err.code == "rate_limit_exceeded" else "refused"
         if ctx.decision == "blocked" and ctx.admission is not None:
             ctx.decision_reason = ctx.admission.reason or None
         ctx.error_code = err.code or err.type
@@ -168,8 +169,9 @@ class Settler:
             counters = ctx.admission.counters if ctx.admission is not None else ()
             # One atomic call: the real cost replaces the reservation (no usage, e.g. an upstream
             # error, frees it), the day's usage rollup grows, and the record joins the stream.
+            tokens = m.usage.total_input_tokens + m.usage.output_tokens if m.usage is not None else 0
             settlement = await engine.account(ctx.request_id, counters, m.cost_nusd, usage=usage_write(
-                record, rollup=m.usage is not None, bound=ctx.config.stream_bound))
+                record, rollup=m.usage is not None, bound=ctx.config.stream_bound), tokens=tokens)
             if settlement in ("queued", "store_error"):
                 self.gw.metrics.redis_error("settle")
         record["settlement"] = settlement

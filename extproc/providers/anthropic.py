@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..pricing import STANDARD_TIER, Usage
-from .base import Api, StreamState, as_int, count_delta, json_object
+from .base import Api, StreamState, as_int, count_delta, json_object, tightest_rate_limits
 
 if TYPE_CHECKING:
+    from ..budgets.admission import BudgetStatus
     from ..config import BoundsSection as Bounds
 
 _SERVER_TOOLS = ("web_search", "web_fetch")
@@ -31,6 +34,17 @@ class Messages(Api):
         # Anthropic's mid-stream error event; its SDK raises on `event: error`.
         body = {"type": "error", "error": {"type": err.get("type"), "message": err.get("message")}}
         return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
+
+    def rate_limit_headers(self, limits: "Sequence[BudgetStatus]") -> dict[str, str]:
+        """Anthropic's names for the same three numbers; its reset is an RFC 3339 time."""
+        out: dict[str, str] = {}
+        for unit, st in tightest_rate_limits(limits).items():
+            out[f"anthropic-ratelimit-{unit}-limit"] = str(st.limit_nusd)
+            out[f"anthropic-ratelimit-{unit}-remaining"] = str(st.remaining_nusd)
+            if st.resets_at is not None:
+                out[f"anthropic-ratelimit-{unit}-reset"] = (
+                    datetime.fromtimestamp(st.resets_at, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
+        return out
 
     def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
         """Server tools (`web_search_*`, `web_fetch_*` types), each up to its `max_uses`."""

@@ -7,6 +7,8 @@ know which provider it talks to.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,6 +18,7 @@ from ..errors import Shape, bad_request
 from ..pricing import Usage
 
 if TYPE_CHECKING:
+    from ..budgets.admission import BudgetStatus
     from ..config import BoundsSection as Bounds
 
 # Tokens charged per image part when estimating an upper bound: image tokens do not show in the
@@ -254,12 +257,50 @@ class Api:
         raises APIError on a `data:` object with an `error` key."""
         return b"data: " + orjson.dumps({"error": {"param": None, **err}}) + b"\n\ndata: [DONE]\n\n"
 
+    def rate_limit_headers(self, limits: "Sequence[BudgetStatus]") -> dict[str, str]:
+        """The rate-limit headers OpenAI's API sends, for the tightest request and token limit a
+        request counts against (SDKs and clients already read these): limit, remaining (after
+        this request) and reset (a duration: when what the window holds has aged out)."""
+        out: dict[str, str] = {}
+        for unit, st in tightest_rate_limits(limits).items():
+            out[f"x-ratelimit-limit-{unit}"] = str(st.limit_nusd)
+            out[f"x-ratelimit-remaining-{unit}"] = str(st.remaining_nusd)
+            if st.resets_at is not None:
+                out[f"x-ratelimit-reset-{unit}"] = go_duration(max(0.0, st.resets_at - time.time()))
+        return out
+
     def error_message(self, obj: Any) -> str | None:
         """The provider's error message from an error body, if it is one."""
         if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
             msg = obj["error"].get("message")
             return msg if isinstance(msg, str) else None
         return None
+
+
+def tightest_rate_limits(limits: "Sequence[BudgetStatus]") -> "dict[str, BudgetStatus]":
+    """Per unit ("requests", "tokens"), the rate limit with the least left."""
+    out: dict[str, BudgetStatus] = {}
+    for st in limits:
+        cur = out.get(st.unit)
+        if cur is None or st.remaining_nusd < cur.remaining_nusd:
+            out[st.unit] = st
+    return out
+
+
+def go_duration(seconds: float) -> str:
+    """OpenAI's reset format, Go's time.Duration text: `20ms`, `1.5s`, `6m0s`, `1h2m3s`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = int(seconds)
+    h, rest = divmod(whole, 3600)
+    m, _ = divmod(rest, 60)
+    sec = seconds - h * 3600 - m * 60
+    text = f"{sec:.3f}".rstrip("0").rstrip(".") + "s"
+    if h:
+        return f"{h}h{m}m{text}"
+    if m:
+        return f"{m}m{text}"
+    return text
 
 
 def json_object(data: bytes) -> dict[str, Any] | None:

@@ -7,11 +7,19 @@
 -- KEYS: h1, z1, ..., hn, zn, then with usage: marker, usage_key, stream_key
 -- ARGV: now ('' = Redis TIME), request_id, actual, n, per counter: ttl, nb, bs,
 --       then usage flag (0|1) and, with 1: usage_ttl, stream_maxlen, min_id_age_ms, marker_ttl,
---       record (JSON object without its closing brace: the script adds "settlement"), m, m x (field, increment)
+--       record (JSON object without its closing brace: the script adds "settlement"), m, m x (field, increment),
+--       then optionally 'A' and n amounts, one per counter (rate limits settle in requests or tokens, not
+--       the cost; without them, as settles queued by older gateways in an outbox, every counter gets `actual`)
 -- Returns {outcome, now}: settled | settled_after_expiry | recorded | duplicate
 local now, rid, actual, n = clock(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local first_state, first_amount, first_h = 'none', 0, nil
+local u = 5 + 3 * n
+local tail = u + 1
+if ARGV[u] == '1' then tail = u + 7 + 2 * tonumber(ARGV[u + 6]) end
+local per_counter = ARGV[tail] == 'A'
 for i = 1, n do
+  local actual = actual
+  if per_counter then actual = tonumber(ARGV[tail + i]) end
   local h, a = KEYS[2 * i - 1], 4 + (i - 1) * 3
   local c = {z = KEYS[2 * i], now = now, nb = tonumber(ARGV[a + 2]), bs = tonumber(ARGV[a + 3])}
   purge(h, c)
@@ -35,7 +43,6 @@ elseif first_state == 'expired' then
 else
   outcome = 'duplicate'
 end
-local u = 5 + 3 * n
 if ARGV[u] == '1' and outcome ~= 'duplicate' then
   local marker, ukey, skey = KEYS[2 * n + 1], KEYS[2 * n + 2], KEYS[2 * n + 3]
   if n == 0 and not redis.call('SET', marker, '1', 'NX', 'EX', ARGV[u + 4]) then
