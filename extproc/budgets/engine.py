@@ -612,18 +612,20 @@ class BudgetEngine:
         swept = 0
         try:
             due: list[CounterRef] = []
-            async for raw in redis.scan_iter(match=f"{self._prefix}b:*:leases", count=1000):
-                key = raw.decode() if isinstance(raw, bytes) else raw
-                if not await redis.zrangebyscore(key, "-inf", repr(float(now)), start=0, num=1):
-                    continue
-                counter = key[: -len(":leases")]
-                # {prefix}b:{budget}:{period}:{per}; budget names hold no ':'
-                rolling = Rolling.from_key_part(counter[len(self._prefix) + 2:].split(":", 2)[1])
-                due.append(CounterRef(counter, None, rolling.bucket_seconds, rolling.n_buckets) if rolling
-                           else CounterRef(counter, 0.0))
-                if len(due) >= batch:
-                    await self._store.read(due, now=self._script_now())
-                    swept, due = swept + len(due), []
+            for kind in ("b", "rl"):
+                async for raw in redis.scan_iter(match=f"{self._prefix}{kind}:*:leases", count=1000):
+                    key = raw.decode() if isinstance(raw, bytes) else raw
+                    if not await redis.zrangebyscore(key, "-inf", repr(float(now)), start=0, num=1):
+                        continue
+                    counter = key[: -len(":leases")]
+                    # {prefix}b:{budget}:{period}:{per} or {prefix}rl:{name}:{unit}:{window}:{per}; names hold no ':'
+                    parts = counter[len(self._prefix):].split(":", 4)
+                    rolling = Rolling.from_key_part(parts[2] if kind == "b" else parts[3])
+                    due.append(CounterRef(counter, None, rolling.bucket_seconds, rolling.n_buckets) if rolling
+                               else CounterRef(counter, 0.0))
+                    if len(due) >= batch:
+                        await self._store.read(due, now=self._script_now())
+                        swept, due = swept + len(due), []
             if due:
                 await self._store.read(due, now=self._script_now())
                 swept += len(due)

@@ -10,6 +10,8 @@ Key layout (all under the engine's prefix, default `tollgate:`):
   lives: what an expiry needs to roll up and record the charge). `{period}` is the calendar
   period id (`2026-11-28`, `W2026-11-23`, `2026-11`) or `r<window>s<bucket>` for rolling. `{per}`
   is `attr=value` pairs joined by `,` (values URL-quoted), or `_` for a shared counter.
+* `{prefix}rl:{rate limit}:{requests|tokens}:r{window}s{bucket}:{per}` — HASH for one rate-limit
+  window (docs/ratelimits.md): the rolling counter's fields, counting requests or tokens.
 * `{counter}:leases` — ZSET scored by expiry on Redis's clock: `<request_id>` for a live lease,
   `x:<request_id>` for a tombstone.
 * `{prefix}settled:{request_id}` — STRING marker, only for a request that counts against no

@@ -69,3 +69,16 @@ async def test_settle_in_the_old_layout_still_charges_every_counter(rds: aredis.
     assert "A" not in args
     assert await e._store.replay_settle(keys, args) == "settled"
     assert (await e._store.read(list(a.counters), now=clock()))[0].spent == 777
+
+
+async def test_an_orphaned_rate_limit_lease_is_swept_into_its_window(rds: aredis.Redis, clock: FakeClock,
+                                                                     prefix: str) -> None:
+    """A gateway that died holding a lease: the sweep (which finds counters nobody touches any
+    more) charges it on a rate limit's window as on a budget's, and nothing stays reserved."""
+    e = engine(rds, clock, prefix, [], {"name": "rpm", "per": ["user"], "requests": 5, "tokens": 10_000, "window": "1h"})
+    a = await admit(e, "dead", input_tokens=10, max_output_tokens=90, lease_seconds=5)
+    assert a.admitted
+    clock.advance(6)
+    assert await e.sweep_expired() == 2
+    states = await e._store.read(list(a.counters), now=clock())
+    assert [(s.spent, s.reserved) for s in states] == [(1, 0), (100, 0)]
