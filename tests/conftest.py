@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aredis
 
 from extproc.procs import free_port, redis_proc, wait_for_port
 from extproc.stack import Stack, StackPorts
@@ -30,6 +32,29 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def pdir(tmp_path: Path) -> Path:
+    """A copy of the shipped policies/ to edit."""
+    for f in (REPO / "policies").glob("*.yaml"):
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh key prefix per test, so tests never see each other's counters."""
+    return f"t{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+async def rds(redis_url: str) -> AsyncIterator[aredis.Redis]:
+    client = aredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -85,18 +85,7 @@ def receiver() -> Iterator[Receiver]:
         r.stop()
 
 
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}:"
-
-
-@pytest.fixture
-async def rds(redis_url: str) -> AsyncIterator[aredis.Redis]:
-    client = aredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+# `prefix` and `rds` (a fresh key prefix, a client on the session Redis): tests/conftest.py
 
 
 def write_policies(d: Path, receiver: Receiver, path: str, text: str = POLICY) -> Config:

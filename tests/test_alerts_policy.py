@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 from extproc.config import load_config
-from extproc.policy_yaml import PolicyError
 from extproc.runtime import describe_changes
-from tests.conftest import REPO
 
 GOOD = """\
 alerts:
@@ -28,17 +23,7 @@ alerts:
 """
 
 
-@pytest.fixture
-def pdir(tmp_path: Path) -> Path:
-    for f in (REPO / "policies").glob("*.yaml"):
-        shutil.copy(f, tmp_path / f.name)
-    return tmp_path
-
-
-def problems(pdir: Path) -> list[str]:
-    with pytest.raises(PolicyError) as e:
-        load_config(pdir)
-    return e.value.problems
+from tests.test_config import problems  # noqa: E402  (shared with the config tests; `pdir`: tests/conftest.py)
 
 
 def line_of(text: str, needle: str) -> int:

@@ -15,13 +15,6 @@ from extproc.policy_yaml import PolicyError
 from tests.conftest import REPO
 
 
-@pytest.fixture
-def pdir(tmp_path: Path) -> Path:
-    for f in (REPO / "policies").glob("*.yaml"):
-        shutil.copy(f, tmp_path / f.name)
-    return tmp_path
-
-
 def problems(pdir: Path) -> list[str]:
     with pytest.raises(PolicyError) as e:
         load_config(pdir)
@@ -90,7 +83,6 @@ def test_tollgate_check_exit_codes(pdir):
 
 
 def test_a_provider_key_that_reads_nothing_fails_the_check(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
-    import shutil
     import subprocess
     import sys
 

@@ -17,14 +17,13 @@ for docs/alerts.md:
 from __future__ import annotations
 
 import fnmatch
-import re
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from ..budgets.policy import Globs, Usd, parse_duration
+from ..budgets.policy import Globs, Usd, parse_duration, policy_name, unique_names
 
 if TYPE_CHECKING:
     from ..budgets.policy import Budget
@@ -39,9 +38,6 @@ counter's usual hourly spend."""
 
 MAX_BASELINE_HOURS = 7 * 24
 """Spike baselines read the counter's hourly history, which is kept 9 days (alerts/store.py)."""
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,9 +84,7 @@ class Alert(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("name must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-        return v
+        return policy_name(v)
 
     @field_validator("url")
     @classmethod
@@ -122,16 +116,7 @@ class Alert(_Strict):
                    for k, globs in self.where.items())
 
 
-def _unique(alerts: list[Alert]) -> list[Alert]:
-    seen: set[str] = set()
-    for a in alerts:
-        if a.name in seen:
-            raise ValueError(f"alert name {a.name!r} is used twice; names must be unique")
-        seen.add(a.name)
-    return alerts
-
-
-AlertList = Annotated[list[Alert], AfterValidator(_unique)]
+AlertList = Annotated[list[Alert], AfterValidator(unique_names("alert"))]
 """The type of the top-level `alerts:` field (checks unique names)."""
 
 

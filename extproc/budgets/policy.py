@@ -34,6 +34,7 @@ Semantics, for the user docs:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -57,6 +58,13 @@ MAX_ROLLING_BUCKETS = 1000  # one HMGET per check; keeps the Lua call small
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def policy_name(v: str) -> str:
+    """A policy entry's name (budget, rate limit, alert): it becomes part of Redis keys and metrics."""
+    if not _NAME.match(v):
+        raise ValueError("name must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+    return v
 
 
 def parse_duration(text: str) -> int:
@@ -217,9 +225,7 @@ class Budget(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("name must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-        return v
+        return policy_name(v)
 
     @field_validator("per")
     @classmethod
@@ -248,16 +254,22 @@ class Budget(_Strict):
         return usd_to_nusd(self.limit_spec().default)
 
 
-def _unique_names(budgets: list[Budget]) -> list[Budget]:
-    seen: set[str] = set()
-    for b in budgets:
-        if b.name in seen:
-            raise ValueError(f"budget name {b.name!r} is used twice; names must be unique")
-        seen.add(b.name)
-    return budgets
+def unique_names(what: str) -> Callable[[list[Any]], list[Any]]:
+    """An AfterValidator for a policy list whose entries have a `name` (budgets, rate limits,
+    alerts, cache rules): a name used twice is an error naming the kind of entry."""
+
+    def check(items: list[Any]) -> list[Any]:
+        seen: set[str] = set()
+        for x in items:
+            if x.name in seen:
+                raise ValueError(f"{what} name {x.name!r} is used twice; names must be unique")
+            seen.add(x.name)
+        return items
+
+    return check
 
 
-BudgetList = Annotated[list[Budget], AfterValidator(_unique_names)]
+BudgetList = Annotated[list[Budget], AfterValidator(unique_names("budget"))]
 """Use this type for the `budgets:` field of the top-level policy model (checks unique names)."""
 
 
@@ -311,16 +323,7 @@ class RateLimit(_Strict):
                       on_store_error="fail_open")
 
 
-def _unique_rate_limits(items: list[RateLimit]) -> list[RateLimit]:
-    seen: set[str] = set()
-    for r in items:
-        if r.name in seen:
-            raise ValueError(f"rate limit name {r.name!r} is used twice; names must be unique")
-        seen.add(r.name)
-    return items
-
-
-RateLimitList = Annotated[list[RateLimit], AfterValidator(_unique_rate_limits)]
+RateLimitList = Annotated[list[RateLimit], AfterValidator(unique_names("rate limit"))]
 """Use this type for the `rate_limits:` field of the top-level policy model."""
 
 

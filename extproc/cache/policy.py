@@ -38,7 +38,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..budgets.policy import Globs, Match
+from ..budgets.policy import Globs, Match, unique_names
 
 MAX_ENTRY_BYTES = 16 * 1024 * 1024
 """The largest `max_entry_bytes` a rule may set: a hit is one ext_proc ImmediateResponse."""
@@ -120,16 +120,7 @@ class CacheRule(_Strict):
         return self
 
 
-def _unique(rules: list[CacheRule]) -> list[CacheRule]:
-    seen: set[str] = set()
-    for r in rules:
-        if r.name in seen:
-            raise ValueError(f"cache rule name {r.name!r} is used twice; names must be unique")
-        seen.add(r.name)
-    return rules
-
-
-CacheList = Annotated[list[CacheRule], AfterValidator(_unique)]
+CacheList = Annotated[list[CacheRule], AfterValidator(unique_names("cache rule"))]
 """The type of the top-level `cache:` section (checks unique names)."""
 
 

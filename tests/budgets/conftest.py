@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aredis
@@ -17,19 +16,6 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def prefix() -> str:
-    """A fresh key prefix per test, so tests never see each other's counters."""
-    return f"t{uuid.uuid4().hex[:12]}:"
-
-
-@pytest.fixture
-async def rds(redis_url: str) -> AsyncIterator[aredis.Redis]:
-    client = aredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 
