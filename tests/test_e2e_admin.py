@@ -213,3 +213,19 @@ def test_usage_equals_query_usage(admin_stack):
     by_team = rows(ok(call(admin_stack, "GET", "/admin/v1/usage", ADMIN,
                            params={"group_by": "team", "from": str(start), "to": str(end)})))
     assert by_team[(("team", "web"),)][0] >= 2 and by_team[("TOTAL",)][0] >= 4
+
+
+def test_dry_run_predicts_a_rate_limit_refusal(admin_stack):
+    """policies/budgets.yaml gives the `rate-demo` key 3 requests a minute: the fourth is refused
+    with the same 429 the dry run predicted, and the dry run itself counts nothing."""
+    req = {"model": "gpt-4o-mini", "max_output_tokens": 50, "input_bytes": 80}
+    for _ in range(3):
+        d = ok(call(admin_stack, "POST", "/admin/v1/dry-run", "rate-demo", req))
+        assert d["decision"] == "allowed", d
+        _, r = chat(admin_stack, "rate-demo", model="gpt-4o-mini", max_tokens=50)
+        assert r.status_code == 200, r.text
+    d = ok(call(admin_stack, "POST", "/admin/v1/dry-run", "rate-demo", req))
+    assert d["decision"] == "blocked" and d["refusal"]["code"] == "rate_limit_exceeded", d
+    _, r = chat(admin_stack, "rate-demo", model="gpt-4o-mini", max_tokens=50)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
+    assert d["refusal"]["message"].split(" Try again")[0] == r.json()["error"]["message"].split(" Try again")[0]

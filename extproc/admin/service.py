@@ -485,7 +485,8 @@ class AdminService(pb_grpc.AdminServicer):
             return refuse(err.status, err.code or "budget_store_unavailable", adm.reason or err.message)
         if adm.decision == "blocked":
             worst = cost_fn(model, input_upper, cap) or 0
-            err = budget_replies.blocked(adm, model, worst)
+            err = (budget_replies.rate_limited(adm, api) if adm.limited is not None  # a rate limit's window
+                   else budget_replies.blocked(adm, model, worst))
             resp.decision, resp.reason = "blocked", adm.reason
             resp.model_served, resp.max_output_tokens = model, cap
             resp.worst_case_cost_usd, resp.worst_case_cost_nusd = usd(worst), worst
