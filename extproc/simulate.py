@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import access
 from .attrs import where_matches
-from .budgets import BudgetEngine, StoreError
+from .budgets import BudgetEngine, RateLimit, StoreError
 from .budgets import replies as budget_replies
 from .budgets.match import limit_source
 from .budgets.money import usd_exact
@@ -140,8 +140,9 @@ class _Peek:
 
     model: str
     provider: str
-    counters: list[Any]  # engine._Counter
+    counters: list[Any]  # engine._Counter: the budgets' first, then the rate limits'
     cost: int
+    amounts: list[int]  # what each counter would hold: the cost, 1 request, or the token worst case
     result: ReserveResult | None
     error: str | None
     now: float
@@ -153,19 +154,18 @@ class _ObservedEngine(BudgetEngine):
     `dry_run` swaps the reserve step for `_peek_reserve` (read-only); this records what each call
     read, so the report shows exactly the counters, limits and amounts the decision was made on."""
 
-    def __init__(self, budgets: list[Budget], redis: aredis.Redis) -> None:
-        super().__init__(budgets, redis)
+    def __init__(self, budgets: list[Budget], redis: aredis.Redis, rate_limits: list[RateLimit]) -> None:
+        super().__init__(budgets, redis, rate_limits=rate_limits)
         self.peeks: list[_Peek] = []
 
     async def _peek_reserve(self, counters, req, amounts, model, provider):  # type: ignore[no-untyped-def]
-        # Budgets only (no rate limits are given to this engine): every counter holds the cost.
-        cost = amounts[0] if amounts else 0
+        cost = next((a for c, a in zip(counters, amounts) if c.cb.unit == "usd"), 0)
         try:
             res = await super()._peek_reserve(counters, req, amounts, model, provider)
         except StoreError as e:
-            self.peeks.append(_Peek(model, provider, list(counters), cost, None, str(e), req.now))
+            self.peeks.append(_Peek(model, provider, list(counters), cost, list(amounts), None, str(e), req.now))
             raise
-        self.peeks.append(_Peek(model, provider, list(counters), cost, res, None, req.now))
+        self.peeks.append(_Peek(model, provider, list(counters), cost, list(amounts), res, None, req.now))
         return res
 
     async def admit(self, **kw: Any) -> Admission:  # never: a simulation reserves nothing
@@ -198,6 +198,8 @@ def _budget_rows(engine: _ObservedEngine, peek: _Peek, attrs: Attrs, adm: Admiss
     index = {b.name: i for i, b in enumerate(budgets)}
     rows = []
     for i, c in enumerate(peek.counters):
+        if c.cb.unit != "usd":  # a rate limit's window: _rate_limit_rows
+            continue
         b: Budget = c.cb.budget
         bi = index.get(b.name)
         kind, entry = limit_source(b, eff)
@@ -249,6 +251,31 @@ def _budget_rows(engine: _ObservedEngine, peek: _Peek, attrs: Attrs, adm: Admiss
             )
             row["outcome"] = _outcome(b, state.over, st.warn_level if held else None, adm, requested=requested,
                                       model=peek.model)
+        rows.append(row)
+    return rows
+
+
+def _rate_limit_rows(engine: _ObservedEngine, peek: _Peek, smap: SourceMap | None,
+                     names: list[str]) -> list[dict[str, Any]]:
+    """The rate-limit windows this request would count against (docs/ratelimits.md)."""
+    rows = []
+    for i, c in enumerate(peek.counters):
+        if c.cb.unit == "usd":
+            continue
+        amount = peek.amounts[i]
+        state = peek.result.states[i] if peek.result is not None else None
+        ri = names.index(c.cb.budget.name) if c.cb.budget.name in names else None
+        row: dict[str, Any] = {
+            "rate_limit": c.cb.budget.name, "unit": c.cb.unit,
+            "source": _where(smap, ("rate_limits", ri)) if ri is not None else None,
+            "counter_text": ",".join(f"{k}={v}" for k, v in c.per.items()) or "(shared)",
+            "key": c.ref.key, "window": c.cb.window.describe(), "limit": c.limit, "this_request": amount,
+            "used": None, "over": None, "retry_after_seconds": None,
+        }
+        if state is not None:
+            st = engine._status(c, state, peek.now, cost=amount, held=not state.over)
+            row.update(used=state.spent + state.reserved, over=state.over,
+                       retry_after_seconds=None if st.retry_after_seconds is None else round(st.retry_after_seconds, 1))
         rows.append(row)
     return rows
 
@@ -311,6 +338,7 @@ async def simulate(config: Config, redis: aredis.Redis, *, attrs: Mapping[str, s
         "worst_case_usd": None,
         "worst_case_nusd": None,
         "budgets": [],
+        "rate_limits": [],
         "fallbacks": [],
         "spend": "not needed",
         "decision": {},
@@ -331,7 +359,7 @@ async def simulate(config: Config, redis: aredis.Redis, *, attrs: Mapping[str, s
     from .lifecycle.admitter import Admitter
     from .metrics import Metrics
 
-    engine = _ObservedEngine(list(config.doc.budgets), redis)
+    engine = _ObservedEngine(list(config.doc.budgets), redis, list(config.doc.rate_limits))
     try:
         cand, adm = await Admitter(engine, Metrics()).preview(config, api, model, max_tokens, attrs, path, input_upper)
     except GatewayError as e:
@@ -349,6 +377,7 @@ async def simulate(config: Config, redis: aredis.Redis, *, attrs: Mapping[str, s
         rows = _budget_rows(engine, peek, attrs, adm, smap, budgets, requested=peek.model == model)
         if peek.model == model:
             report["budgets"] = rows
+            report["rate_limits"] = _rate_limit_rows(engine, peek, smap, [r.name for r in config.doc.rate_limits])
         else:
             report["fallbacks"].append({"model": peek.model, "provider": peek.provider, "worst_case_usd": usd(peek.cost),
                                         "worst_case_nusd": peek.cost, "fits": not any(r["over"] and r["mode"] == "enforce"
@@ -376,6 +405,10 @@ async def simulate(config: Config, redis: aredis.Redis, *, attrs: Mapping[str, s
             down = {"status": 200, "code": None, "decision": "allowed (fail_open: not accounted)"}
         d.update(decision="unknown", status=None, code=None, model_served=None,
                  message="the spend is unknown (Redis unreachable), so is the decision", if_store_down=down)
+    elif adm.decision == "blocked" and adm.limited is not None:
+        e = budget_replies.rate_limited(adm, api)
+        d.update(status=e.status, code=e.code, message=e.message, rate_limit=adm.limited.name,
+                 model_served=None, headers=dict(e.headers))
     elif adm.decision == "blocked":
         e = budget_replies.blocked(adm, model, worst)
         d.update(status=e.status, code=e.code, message=e.message, budget=e.extra.get("budget"),
@@ -459,6 +492,12 @@ def render_text(report: dict[str, Any]) -> str:
                              + ")")
     elif report["worst_case_usd"] is not None:
         lines.append("budgets: none applies")
+    for r in report.get("rate_limits", []):
+        used = "?" if r["used"] is None else r["used"]
+        verdict = "unknown" if r["over"] is None else "over: refused" if r["over"] else "fits"
+        lines.append(f"rate limit {r['rate_limit']} ({r['counter_text']}): {used} of {r['limit']} {r['unit']} used "
+                     f"({r['window']}), this request {r['this_request']} -> {verdict}"
+                     + (f"  [{r['source']}]" if r["source"] else ""))
     for fb in report["fallbacks"]:
         over = [r["budget"] for r in fb["budgets"] if r["over"]]
         lines.append(f"fallback {fb['model']} via {fb['provider']}: worst case {_dollars(fb['worst_case_usd'])}, "

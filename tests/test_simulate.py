@@ -28,7 +28,7 @@ from extproc.budgets import BudgetEngine
 from extproc.config import Config, load_config
 from extproc.procs import free_port
 from extproc.providers import api_for_path
-from extproc.simulate import parse_as, simulate, source_map
+from extproc.simulate import parse_as, render_text, simulate, source_map
 from tests.conftest import REPO, JsonLog
 
 TRIAL = {"user": "trial", "email": "trial@example.com", "groups": ["trial"], "team": "demo-team", "app": "readme",
@@ -466,3 +466,31 @@ def test_e2e_downgrade_and_clamp_as_simulated(stack, live_config, attribution):
     raw, report = predict(stack, live_config, attrs, body)
     assert report["decision"]["decision"] == "clamped"
     assert agree(report, send(stack, "key-budget", raw, attrs=attrs), attribution) == "clamped"
+
+
+async def test_a_full_rate_limit_window_is_predicted_and_left_alone(config: Config, rds: aredis.Redis):
+    """tests/policies/test-ratelimits.yaml: 3 requests per 4 s per run. After three real admits the
+    simulation predicts the gateway's rate-limit 429, shows the window, and writes nothing."""
+    attrs = bot("rl-requests")
+    api = api_for_path("/v1/chat/completions")
+    assert api is not None
+    cand = decide.check(config, api, "gpt-4o-mini", 8, attrs, "/v1/chat/completions")
+    engine = BudgetEngine(list(config.doc.budgets), rds, rate_limits=list(config.doc.rate_limits))
+    r = await sim(config, rds, attrs, "gpt-4o-mini", max_tokens=8, input_bytes=100)
+    assert r["decision"]["decision"] == "allowed" and [x["used"] for x in r["rate_limits"]] == [0]
+    for _ in range(3):
+        adm = await engine.admit(request_id=uuid.uuid4().hex, attrs=attrs, model="gpt-4o-mini", provider=cand.provider,
+                                 input_tokens=100, max_output_tokens=8, cost_fn=cand.cost_fn,
+                                 provider_of=cand.provider_of, lease_seconds=60)
+        assert adm.admitted and await engine.settle(adm, 1) == "settled"
+    before = await snapshot(rds)
+    r = await sim(config, rds, attrs, "gpt-4o-mini", max_tokens=8, input_bytes=100)
+    assert await snapshot(rds) == before
+    d = r["decision"]
+    assert (d["decision"], d["status"], d["code"], d["rate_limit"]) == ("blocked", 429, "rate_limit_exceeded",
+                                                                        "rl-requests")
+    [row] = r["rate_limits"]
+    assert (row["unit"], row["used"], row["limit"], row["this_request"], row["over"]) == ("requests", 3, 3, 1, True)
+    assert row["source"] and row["source"].endswith("test-ratelimits.yaml:4")
+    text = render_text(r)
+    assert "rate limit rl-requests" in text and "3 of 3 requests used" in text and "rate_limit_exceeded" in text
