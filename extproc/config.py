@@ -211,10 +211,12 @@ class GatewaySection(_Strict):
     attribution_stream_max_age_seconds: int = Field(
         default=3 * 86400, ge=0, description="records older than this leave the Redis stream (0: no age bound)")
     redis_max_connections: int = Field(
-        default=512, gt=0, description="Redis connections per ext_proc process; a request waits for a free one")
+        default=512, gt=0, description="pooled Redis connections per ext_proc process for everything but the budget "
+                                       "scripts (cache, alerts, admin reads); the scripts share one pipelined "
+                                       "connection (docs/operations.md, 'Redis connections')")
     redis_pool_timeout_seconds: float = Field(
         default=1.0, gt=0, le=2.5,
-        description="longest a request waits for a Redis connection (inside Envoy's 3 s message timeout)")
+        description="longest a pooled Redis call waits for a connection (inside Envoy's 3 s message timeout)")
     trusted_metadata_sources: list[str] = Field(
         default_factory=list,
         description="identity sources (globs on `source`, e.g. 'service_token', 'jwt:*') whose "
