@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -59,10 +60,12 @@ def _head(headers: dict[str, str], length: int, path: str = CHAT) -> bytes:
 def unfinished_bodies(port: int, n: int, headers: dict[str, str]) -> Iterator[list[socket.socket]]:
     """`n` connections, each with its headers and the first bytes of a body it never finishes.
 
-    Opened ten at a time, 20 ms apart: a burst of more requests than the breaker holds, all
-    arriving before the ext_proc has answered any, overflows it whatever the cap (each request
-    opens its ext_proc stream before it can be identified); what the cap prevents is a client
-    holding the streams it got."""
+    Opened ten at a time, each ten once the ones before have been answered (all but the CAP an
+    identity may hold; at most 2 s): a burst of more requests than the breaker holds, all arriving
+    before the ext_proc has answered any, overflows it whatever the cap (each request opens its
+    ext_proc stream before it can be identified); what the cap prevents is a client holding the
+    streams it got. (A fixed 20 ms between tens overflowed it now and then when the ext_proc
+    answered slower than that, under a full suite: a 500 among the 429s.)"""
     socks: list[socket.socket] = []
     try:
         for i in range(n):
@@ -70,11 +73,20 @@ def unfinished_bodies(port: int, n: int, headers: dict[str, str]) -> Iterator[li
             s.sendall(_head(headers, len(BODY)) + BODY[:10])
             socks.append(s)
             if i % 10 == 9:
-                time.sleep(0.02)
+                _wait_answered(socks, len(socks) - CAP, timeout=2.0)
         yield socks
     finally:
         for s in socks:
             s.close()
+
+
+def _wait_answered(socks: list[socket.socket], want: int, timeout: float) -> None:
+    """Until at least `want` of the sockets have an answer waiting (readable; nothing is read)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select(socks, [], [], 0.02)
+        if len(ready) >= want:
+            return
 
 
 def _status(s: socket.socket, timeout: float) -> int | None:
