@@ -201,16 +201,22 @@ class ModelPrice(BaseModel):
     def rates(self, tier: str | None = None, geo: str | None = None) -> "ModelPrice":
         """These rates in rate tier `tier` (None: the one these already are, the row's own for a
         row) for inference in `geo` (None: likewise). A tier the row does not price, and a geo
-        it names no multiplier for, leave its own rates (`priced` says whether the tier was found)."""
-        base = self._base or self
-        tier = self._tier if tier is None else tier
-        geo = self._geo if geo is None else geo
+        it names no multiplier for, leave its own rates (`priced` says whether the tier was found).
+
+        Called for every candidate model of every request: the private attributes are read from
+        pydantic's private dict directly (through attribute access each read went through
+        BaseModel.__getattr__, about 10 a request)."""
+        priv = self.__pydantic_private__
+        assert priv is not None
+        base = priv["_base"] or self
+        tier = priv["_tier"] if tier is None else tier
+        geo = priv["_geo"] if geo is None else geo
         if tier == STANDARD_TIER:
             tier = None
         if tier is None and geo is None:
             return base
         key = (tier, geo)
-        found = base._variants.get(key)
+        found = base.__pydantic_private__["_variants"].get(key)
         if found is not None:
             return found
         update: dict[str, object] = {"tiers": {}, "inference_geo": {}}
@@ -232,12 +238,12 @@ class ModelPrice(BaseModel):
     @property
     def tier_name(self) -> str | None:
         """The rate tier these rates are (None: the row's own)."""
-        return self._tier
+        return self.__pydantic_private__["_tier"]  # type: ignore[index]
 
     @property
     def tier_priced(self) -> bool:
         """False when these are a tier the row has no rates for (its own rates stand in)."""
-        return self._priced
+        return self.__pydantic_private__["_priced"]  # type: ignore[index]
 
     def _scaled(self, m: Decimal) -> "ModelPrice":
         """Every rate times `m` (long-context ones too): a data-residency multiplier."""
@@ -353,6 +359,7 @@ class PriceTable:
         self._clock = clock
         self._cache: dict[str, tuple[str | None, ModelPrice | None]] = {}
         self._cache_day: date | None = None
+        self._cache_from, self._cache_until = 0.0, 0.0  # the cache's UTC day, as epoch seconds
 
     def _tools_usd_m(self, calls: Mapping[str, int]) -> Decimal:
         """Per-call fees in the unit token costs are summed in (USD x 10^6 per million tokens)."""
@@ -403,9 +410,15 @@ class PriceTable:
     def _match(self, model: str, at: date | None) -> tuple[str | None, ModelPrice | None]:
         if at is not None:
             return self._find(model, at)
-        today = datetime.fromtimestamp(self._clock(), timezone.utc).date()
-        if today != self._cache_day:
-            self._cache, self._cache_day = {}, today
+        now = self._clock()
+        if not self._cache_from <= now < self._cache_until:  # a new UTC day (several lookups a request)
+            today = datetime.fromtimestamp(now, timezone.utc).date()
+            if today != self._cache_day:
+                self._cache, self._cache_day = {}, today
+            self._cache_from = datetime(today.year, today.month, today.day, tzinfo=timezone.utc).timestamp()
+            self._cache_until = self._cache_from + 86400
+        today = self._cache_day
+        assert today is not None
         try:
             return self._cache[model]
         except KeyError:
