@@ -102,3 +102,4 @@ class Receiver:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+

@@ -34,6 +34,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.stop()
 
 
+@pytest.fixture(scope="module")
+def receiver():  # type: ignore[no-untyped-def]
+    """A webhook receiver on a free loopback port for one test module (tests/alert_receiver.py)."""
+    from tests.alert_receiver import Receiver
+
+    r = Receiver().start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
 @pytest.fixture
 def pdir(tmp_path: Path) -> Path:
     """A copy of the shipped policies/ to edit."""

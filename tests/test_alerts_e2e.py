@@ -27,7 +27,7 @@ from extproc.alerts.store import AlertStore
 from extproc.config import load_config
 from extproc.stack import Stack
 from extproc.usage import usage_key, usage_tuple
-from tests.alert_receiver import Receiver
+from tests.alert_receiver import Receiver  # the `receiver` fixture: tests/conftest.py
 from tests.conftest import running_stack
 
 CHAT = "/v1/chat/completions"
@@ -97,15 +97,6 @@ alerts:
     events: [spike, forecast]
     spike: {{factor: 5, baseline: 24h, min_usd: 0}}
 """
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture(scope="module")

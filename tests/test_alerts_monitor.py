@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from extproc.budgets.money import usd_to_nusd
 from extproc.config import Config, load_config
 from extproc.forecast import Forecast
 from extproc.metrics import Metrics
-from tests.alert_receiver import Receiver
+from tests.alert_receiver import Receiver  # the `receiver` fixture: tests/conftest.py
 from tests.conftest import REPO
 
 T0 = dt.datetime(2026, 11, 28, 10, 0, 5, tzinfo=dt.timezone.utc).timestamp()
@@ -74,15 +74,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    r = Receiver().start()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 # `prefix` and `rds` (a fresh key prefix, a client on the session Redis): tests/conftest.py
