@@ -80,6 +80,11 @@ class _Compiled:
     def enforce(self) -> bool:
         return self.budget.mode == "enforce"
 
+    @property
+    def key_part(self) -> str:
+        """Where its counters live: `b:<budget>`, or `rl:<rate limit>:<unit>` (never read as a budget)."""
+        return f"b:{self.budget.name}" if self.unit == "usd" else f"rl:{self.budget.name}:{self.unit}"
+
 
 @dataclass(frozen=True)
 class _Counter:
@@ -188,19 +193,15 @@ class BudgetEngine:
     def _counters(self, attrs: Attrs, now: float, *, for_status: bool = False) -> list[_Counter]:
         out: list[_Counter] = []
         for cb, per, per_part, limit in self._matching(attrs, for_status):
-            b, w = cb.budget, cb.window
+            w = cb.window
             if isinstance(w, Calendar):
                 period: Period | None = w.period(now)
                 assert period is not None
-                ref = CounterRef(f"{self._prefix}b:{b.name}:{period.id}:{per_part}", period.end)
-            elif cb.unit == "usd":
+                ref = CounterRef(f"{self._prefix}{cb.key_part}:{period.id}:{per_part}", period.end)
+            else:
                 period = None
-                ref = CounterRef(f"{self._prefix}b:{b.name}:{w.key_part()}:{per_part}", None, w.bucket_seconds,
-                                 w.n_buckets)
-            else:  # a rate limit: its own key space, never read as a budget
-                period = None
-                ref = CounterRef(f"{self._prefix}rl:{b.name}:{cb.unit}:{w.key_part()}:{per_part}", None,
-                                 w.bucket_seconds, w.n_buckets, cb.unit)
+                ref = CounterRef(f"{self._prefix}{cb.key_part}:{w.key_part()}:{per_part}", None, w.bucket_seconds,
+                                 w.n_buckets, cb.unit)
             out.append(_Counter(cb, dict(per), ref, limit, period))
         return out
 
@@ -239,7 +240,7 @@ class BudgetEngine:
             retry_after_seconds=retry,
             mode=c.cb.budget.mode,
             window=w.describe(),
-            warn_level=_warn_level(c.cb.budget, used, c.limit) if c.cb.unit == "usd" else None,
+            warn_level=_warn_level(c.cb.budget, used, c.limit),  # a rate limit has no warn_at
             unit=c.cb.unit,
         )
 
@@ -645,17 +646,23 @@ class BudgetEngine:
 
 
 
+def _amount(unit: str, cost: int, tokens: int) -> int:
+    """What a counter counts of a request: a budget its cost, a request rate limit one request, a
+    token rate limit its tokens."""
+    return cost if unit == "usd" else 1 if unit == "requests" else tokens
+
+
 def _amounts(counters: list[_Counter], cost: int, input_tokens: int, cap: int) -> list[int]:
-    """What a reservation holds on each counter: a budget the worst-case cost, a request rate
-    limit one request, a token rate limit the input upper bound plus the output cap."""
-    return [cost if c.cb.unit == "usd" else 1 if c.cb.unit == "requests" else input_tokens + cap for c in counters]
+    """What a reservation holds on each counter: the worst case (tokens: the input upper bound
+    plus the output cap)."""
+    return [_amount(c.cb.unit, cost, input_tokens + cap) for c in counters]
 
 
 def settled_amounts(counters: tuple[CounterRef, ...], cost: int, tokens: int) -> list[int] | None:
     """What a settle charges each counter (None: the cost on every one, the settle's old layout)."""
     if all(c.unit == "usd" for c in counters):
         return None
-    return [cost if c.unit == "usd" else 1 if c.unit == "requests" else tokens for c in counters]
+    return [_amount(c.unit, cost, tokens) for c in counters]
 
 
 def _int(v: object) -> int:

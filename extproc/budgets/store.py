@@ -175,7 +175,7 @@ class BudgetStore:
         (see extproc/usage.py `lease_meta`) lets an expiry of this lease roll up and record its charge:
         it is kept on the first counter, which must then be a budget's (its amount is the cost).
         """
-        args: list[Any] = [_num(now), request_id, repr(float(lease_seconds)), 0, len(counters), meta]
+        args: list[Any] = [_num(now), request_id, repr(float(lease_seconds)), len(counters), meta]
         for c, limit, enf, amount in zip(counters, limits, enforce, amounts, strict=True):
             until = "" if c.period_end is None else f"{c.period_end:.0f}"
             args += [int(limit), 1 if enf else 0, c.ttl(ttl_now, self.grace), *c.window_args(), until, int(amount)]

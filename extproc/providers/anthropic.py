@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ..budgets.replies import iso
 from ..pricing import STANDARD_TIER, Usage
 from .base import Api, StreamState, as_int, count_delta, json_object, tightest_rate_limits
 
@@ -42,8 +42,7 @@ class Messages(Api):
             out[f"anthropic-ratelimit-{unit}-limit"] = str(st.limit_nusd)
             out[f"anthropic-ratelimit-{unit}-remaining"] = str(st.remaining_nusd)
             if st.resets_at is not None:
-                out[f"anthropic-ratelimit-{unit}-reset"] = (
-                    datetime.fromtimestamp(st.resets_at, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"))
+                out[f"anthropic-ratelimit-{unit}-reset"] = iso(st.resets_at) or ""
         return out
 
     def server_tools(self, body: dict[str, Any], default_calls: int) -> dict[str, int]:
