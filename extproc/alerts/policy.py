@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from ..budgets.policy import Globs, Usd, parse_duration, policy_name, unique_names
+from ..budgets.policy import Globs, PolicyName, Usd, parse_duration, unique_names
 
 if TYPE_CHECKING:
     from ..budgets.policy import Budget
@@ -69,7 +69,7 @@ class SpikeSpec(_Strict):
 class Alert(_Strict):
     """One webhook and what it is told about."""
 
-    name: str
+    name: PolicyName
     url: str = Field(description="http(s) URL the payload is POSTed to; use ${ENV} for a secret URL")
     budgets: list[str] | None = Field(default=None, description="budget names or globs; omitted: every budget")
     where: dict[str, Globs] = Field(default_factory=dict, description="globs on the counter's per values")
@@ -80,11 +80,6 @@ class Alert(_Strict):
     retries: int = Field(default=5, ge=0, le=20, description="attempts after the first, on 5xx, 408, 429 or no answer")
     backoff_seconds: float = Field(default=1.0, gt=0, le=300,
                                    description="wait before the first retry; doubles each time, at most 5 minutes")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return policy_name(v)
 
     @field_validator("url")
     @classmethod

@@ -67,6 +67,20 @@ def policy_name(v: str) -> str:
     return v
 
 
+def _per_attrs(v: list[str]) -> list[str]:
+    if any(not a for a in v):
+        raise ValueError("per attributes must be non-empty names")
+    if len(set(v)) != len(v):
+        raise ValueError("per lists an attribute twice")
+    return v
+
+
+PolicyName = Annotated[str, AfterValidator(policy_name)]
+"""The `name` of a budget, rate limit or alert."""
+PerAttrs = Annotated[list[str], AfterValidator(_per_attrs)]
+"""A `per` list: the attributes that split a budget or rate limit into one counter per value."""
+
+
 def parse_duration(text: str) -> int:
     """`"24h"` -> 86400 seconds; raises ValueError with a message meant for the policy author."""
     m = _DURATION.match(text) if isinstance(text, str) else None
@@ -210,9 +224,9 @@ WindowSpec = Annotated[
 class Budget(_Strict):
     """One budget: which requests count, how they are split into counters, the limit and what to do at it."""
 
-    name: str
+    name: PolicyName
     match: Match = Field(default_factory=Match)
-    per: list[str] = Field(default_factory=list)
+    per: PerAttrs = Field(default_factory=list)
     limit_usd: LimitUsd
     window: WindowSpec
     action: Literal["block", "downgrade"] = "block"
@@ -221,20 +235,6 @@ class Budget(_Strict):
     mode: Literal["enforce", "shadow"] = "enforce"
     clamp: bool = False
     on_store_error: Literal["fail_closed", "fail_open"] = "fail_closed"
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return policy_name(v)
-
-    @field_validator("per")
-    @classmethod
-    def _per(cls, v: list[str]) -> list[str]:
-        if any(not a for a in v):
-            raise ValueError("per attributes must be non-empty names")
-        if len(set(v)) != len(v):
-            raise ValueError("per lists an attribute twice")
-        return v
 
     @field_validator("fallbacks")
     @classmethod
@@ -289,16 +289,13 @@ class RateLimit(_Strict):
     output). Both are checked in the same Redis call as the budgets' reservation, all or nothing.
     """
 
-    name: str
+    name: PolicyName
     match: Match = Field(default_factory=Match)
-    per: list[str] = Field(default_factory=list)
+    per: PerAttrs = Field(default_factory=list)
     requests: int | None = Field(default=None, gt=0)
     tokens: int | None = Field(default=None, gt=0)
     window: str = "1m"
     bucket: str | None = None
-
-    _name = field_validator("name")(Budget._name.__func__)  # type: ignore[attr-defined]
-    _per = field_validator("per")(Budget._per.__func__)  # type: ignore[attr-defined]
 
     @field_validator("window")
     @classmethod
