@@ -272,7 +272,11 @@ def test_redis_down_fails_closed_or_open_quickly(two_extproc_stack, how):
             assert ok.headers["x-fake-model"] == "gpt-4o-mini"
             logs = [JsonLog(s.attribution_log), JsonLog(s.run_dir / "extproc-1.log")]
             rid = ok.headers["x-tollgate-request-id"]
-            rec = next(r for log in logs for r in log.records() if r["request_id"] == rid)
+            # The record follows the answer: the settle (here queued, once Redis fails) runs after it.
+            deadline = time.monotonic() + 5
+            while (rec := next((r for log in logs for r in log.records() if r["request_id"] == rid), None)) is None:
+                assert time.monotonic() < deadline, f"no record for {rid}"
+                time.sleep(0.05)
             assert rec["budget_store_error"] is True and rec["cost_usd"] > 0
     finally:
         if how == "hung":

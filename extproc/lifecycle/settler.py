@@ -5,6 +5,7 @@ Every way a request can end comes through here:
 * `finish(end)`  the response ended (`completed`), the live cap stopped it (`budget_cap`), or the
                  stream went away after forwarding (`interrupted`, from `close`): settle with the
                  meter's cost, real or estimated, in one Redis call with the rollup and the record.
+                 The record is returned before that call ends: the answer to Envoy does not wait.
 * `refuse(err)`  the gateway answers the client itself: record it (on the sinks only: refusals
                  write no key or stream entry to Redis; a budget block adds 1 to its day's
                  `d:blocked` rollup count), releasing a lease if one was already held.
@@ -62,14 +63,25 @@ class Settler:
         self.ctx = ctx
         self.meter: JsonMeter | SseMeter | None = None
         self.record: dict[str, Any] | None = None
+        self.settling: "asyncio.Future[Any] | None" = None  # the settle `finish` started, until it is done
 
     # ---- the ways a request ends -----------------------------------------------------------
     async def finish(self, end: str = "completed") -> dict[str, Any]:
-        """Settle a forwarded request (once; later calls return the first record)."""
+        """Settle a forwarded request (once; later calls return the first record).
+
+        The record is built here, from the meter, and returned at once: the caller answers Envoy's
+        last message with it (the cost header, the access log's metadata) while the settle's Redis
+        call, and then the sinks, run on in a task of their own (`settling`). So the client does not
+        wait for that round trip; the request's stream waits for it at `close`. A cancel cannot stop
+        it (see `run_protected`), and the pipe's FIFO runs it before any later call of this process
+        (extproc/budgets/pipe.py), so a next request of the same client reserves on settled numbers."""
         if self.ctx.state is not State.FORWARDED:
             return self.record or {}
         self.ctx.to(State.SETTLED)
-        return await run_protected(self._settle(end))
+        record, metered = self._final_record(end)
+        self.record = record
+        self.settling = run_protected(self._settle(record, metered))
+        return record
 
     async def refuse(self, err: GatewayError) -> dict[str, Any]:
         """Record a request the gateway answered itself; drop a lease it held."""
@@ -130,6 +142,8 @@ class Settler:
             await run_protected(self._release())
         elif ctx.state is State.FORWARDED:
             await self.finish("interrupted")
+        if self.settling is not None:
+            await self.settling
 
     # ---- the Redis work ----------------------------------------------------------------
     async def _after_cancelled_admit(self, task: "asyncio.Task[Any]") -> None:
@@ -155,7 +169,7 @@ class Settler:
         if await self.budgets.release(adm) == "store_error":
             self.gw.metrics.redis_error("release")
 
-    async def _settle(self, end: str) -> dict[str, Any]:
+    def _final_record(self, end: str) -> tuple[dict[str, Any], Metered]:
         ctx = self.ctx
         meter = self.meter or JsonMeter(ctx)
         if isinstance(meter, SseMeter) and meter.cut:
@@ -163,6 +177,10 @@ class Settler:
         m: Metered = meter.result(end)
         record = build_record(ctx, m.usage, m.cost_nusd, complete=m.complete, end=end, estimate=m.estimate,
                               overrun_nusd=m.overrun_nusd)
+        return record, m
+
+    async def _settle(self, record: dict[str, Any], m: Metered) -> dict[str, Any]:
+        ctx = self.ctx
         settlement: str | None = None
         engine = self.budgets
         if engine is not None:
