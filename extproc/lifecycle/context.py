@@ -86,6 +86,8 @@ class RequestContext:
     streamed: bool = False
     pending_admit: "asyncio.Task[Admission] | None" = None  # a reserve still running when the stream died
     cache: str = "off"  # the response cache's verdict: hit | miss | skip | off (extproc/cache/flow.py)
+    _attrs: "tuple[Identity | None, dict[str, str | list[str]], dict[str, str | list[str]]] | None" = field(
+        default=None, repr=False)
 
     def to(self, state: State) -> None:
         if state not in _NEXT.get(self.state, ()):
@@ -98,7 +100,13 @@ class RequestContext:
         return self.state in (State.RESERVED, State.FORWARDED) and adm is not None and bool(adm.counters)
 
     def attrs(self) -> dict[str, str | list[str]]:
-        attrs: dict[str, str | list[str]] = dict(self.metadata)
-        if self.identity is not None:
-            attrs.update(self.identity.attrs())
-        return attrs
+        """The identity's attributes over the trusted metadata: built once, when the request is
+        admitted (identity and metadata are known by then), and shared by every reader (admission,
+        the cache's rule selection), which must not change it."""
+        memo = self._attrs
+        if memo is None or memo[0] is not self.identity or memo[1] is not self.metadata:
+            built: dict[str, str | list[str]] = dict(self.metadata)
+            if self.identity is not None:
+                built.update(self.identity.attrs())
+            memo = self._attrs = (self.identity, self.metadata, built)
+        return memo[2]
