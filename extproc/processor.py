@@ -367,10 +367,7 @@ def _dumps(body: dict[str, Any]) -> bytes:
 
 
 def _headers(h: HttpHeaders) -> dict[str, str]:
-    out = {}
-    for hv in h.headers.headers:
-        out[hv.key] = hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value
-    return out
+    return {hv.key: hv.raw_value.decode("utf-8", "replace") if hv.raw_value else hv.value for hv in h.headers.headers}
 
 
 def _too_large(size: int, limit: int) -> GatewayError:

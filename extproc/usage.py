@@ -79,12 +79,20 @@ def _open_object(record: Mapping[str, Any]) -> bytes:
     return orjson.dumps(record)[:-1]
 
 
+def _utc_day(ts: str) -> date:
+    """The UTC day of a record's `ts`: the gateway writes UTC (`...+00:00`), so a slice; any other
+    offset is converted."""
+    if ts.endswith("+00:00"):
+        return date(int(ts[:4]), int(ts[5:7]), int(ts[8:10]))
+    return datetime.fromisoformat(ts).astimezone(timezone.utc).date()
+
+
 def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound(),
                 rollup: bool = True) -> UsageWrite:
     """The attribution writes for one record: its day rollup (when it was forwarded) and the record.
 
     The record must not carry `settlement`: the script adds what actually happened."""
-    day = datetime.fromisoformat(record["ts"]).astimezone(timezone.utc).date()
+    day = _utc_day(record["ts"])
     increments: tuple[tuple[str, int], ...] = ()
     if rollup:
         tup = usage_tuple(record)
@@ -108,8 +116,7 @@ def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: 
 async def count_blocked(redis: aredis.Redis, record: Mapping[str, Any], *, prefix: str = "tollgate:") -> None:
     """Count a request a budget blocked in its day's rollup (`d:blocked|<tuple>`), for the
     dashboard's decisions chart. Never raises: a lost count must not touch the request."""
-    day = datetime.fromisoformat(record["ts"]).astimezone(timezone.utc).date()
-    key = usage_key(prefix, day)
+    key = usage_key(prefix, _utc_day(record["ts"]))
     try:
         async with redis.pipeline(transaction=False) as pipe:
             pipe.hincrby(key, f"{DECISION_FIELD}blocked|{usage_tuple(record)}", 1)

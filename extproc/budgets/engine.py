@@ -36,7 +36,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis.asyncio as aredis
@@ -75,15 +75,16 @@ class _Compiled:
     window: Window
     unit: Unit = "usd"
     fixed_limit: int = 0  # a rate limit's requests or tokens per window (a budget's limit depends on attrs)
+    # Worked out once, at policy load, for every request that counts against it:
+    enforce: bool = field(init=False)
+    key_part: str = field(init=False)  # where its counters live: `b:<budget>`, or `rl:<rate limit>:<unit>`
+    window_text: str = field(init=False)  # the window's `describe()`, as statuses show it
 
-    @property
-    def enforce(self) -> bool:
-        return self.budget.mode == "enforce"
-
-    @property
-    def key_part(self) -> str:
-        """Where its counters live: `b:<budget>`, or `rl:<rate limit>:<unit>` (never read as a budget)."""
-        return f"b:{self.budget.name}" if self.unit == "usd" else f"rl:{self.budget.name}:{self.unit}"
+    def __post_init__(self) -> None:
+        name = self.budget.name
+        object.__setattr__(self, "enforce", self.budget.mode == "enforce")
+        object.__setattr__(self, "key_part", f"b:{name}" if self.unit == "usd" else f"rl:{name}:{self.unit}")
+        object.__setattr__(self, "window_text", self.window.describe())
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ class BudgetEngine:
             resets_at=resets_at,
             retry_after_seconds=retry,
             mode=c.cb.budget.mode,
-            window=w.describe(),
+            window=c.cb.window_text,
             warn_level=_warn_level(c.cb.budget, used, c.limit),  # a rate limit has no warn_at
             unit=c.cb.unit,
         )
