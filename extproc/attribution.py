@@ -169,18 +169,24 @@ def record_day(record: dict[str, Any], now: Callable[[], float] = time.time) -> 
     The records' own ``ts`` is UTC (``...+00:00``), so the common case is a slice; other offsets
     are converted, a naive time is taken as UTC."""
     ts = record.get("ts")
-    if isinstance(ts, str) and len(ts) >= 10:
-        if ts.endswith(("+00:00", "Z")) and _DAY.fullmatch(ts, 0, 10):
-            return ts[:10]
-        try:
-            dt = datetime.fromisoformat(ts)
-        except ValueError:
-            pass
-        else:
-            if dt.tzinfo is None:
-                return dt.date().isoformat()
-            return dt.astimezone(timezone.utc).date().isoformat()
-    return _utc_day_of_epoch(now())
+    day = ts_day(ts) if isinstance(ts, str) else None
+    return day if day is not None else _utc_day_of_epoch(now())
+
+
+def ts_day(ts: str) -> str | None:
+    """The UTC day (``YYYY-MM-DD``) of an ISO 8601 time, None if it is not one: a slice for UTC
+    (``...+00:00``, ``Z``), other offsets converted, a naive time taken as UTC."""
+    if len(ts) < 10:
+        return None
+    if ts.endswith(("+00:00", "Z")) and _DAY.fullmatch(ts, 0, 10):
+        return ts[:10]
+    try:
+        dt = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        return dt.date().isoformat()
+    return dt.astimezone(timezone.utc).date().isoformat()
 
 
 class RotatingJsonlSink:

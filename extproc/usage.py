@@ -19,12 +19,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, timedelta
 from typing import Any
 
 import orjson
 import redis.asyncio as aredis
 
+from .attribution import ts_day
 from .budgets.store import UsageWrite
 
 log = logging.getLogger("tollgate.usage")
@@ -80,11 +81,11 @@ def _open_object(record: Mapping[str, Any]) -> bytes:
 
 
 def _utc_day(ts: str) -> date:
-    """The UTC day of a record's `ts`: the gateway writes UTC (`...+00:00`), so a slice; any other
-    offset is converted."""
-    if ts.endswith("+00:00"):
-        return date(int(ts[:4]), int(ts[5:7]), int(ts[8:10]))
-    return datetime.fromisoformat(ts).astimezone(timezone.utc).date()
+    """The UTC day of a record's `ts` (extproc/attribution.py `ts_day`, which the record files use too)."""
+    day = ts_day(ts)
+    if day is None:
+        raise ValueError(f"record ts {ts!r} is not an ISO 8601 time")
+    return date.fromisoformat(day)
 
 
 def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound(),
