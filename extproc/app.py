@@ -28,7 +28,7 @@ from .runtime import Runtime, describe_changes
 from .identity import Authenticator
 from .lifecycle.admitter import Admitter
 from .lifecycle.concurrency import ConcurrencyCap
-from .lifecycle.settler import drain
+from .lifecycle.protect import drain
 from .metrics import Metrics
 from .processor import Processor
 from .usage import expired_stream_key

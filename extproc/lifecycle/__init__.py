@@ -6,6 +6,7 @@
     settler.py   ends the reservation exactly once: settle with the real cost, settle with a
                  documented estimate, or release; writes the attribution record
     record.py    the attribution record
+    protect.py   run_protected: Redis work a cancelled stream cannot stop halfway
 
 The state machine (State in context.py), every transition out of RESERVED ending in exactly one
 of SETTLED or RELEASED, whatever happens to the gRPC stream:

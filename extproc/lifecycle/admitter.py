@@ -1,6 +1,6 @@
 """Admission: the pre-budget checks, then the worst case reserved on every matching budget.
 
-The reserve call runs as its own task and the caller waits on it through `asyncio.shield`: when
+The reserve call runs as its own task and the caller waits on it through a future (protect.py): when
 the client goes away mid-admission, grpc.aio cancels the stream's handler, but the reserve (which
 may already have run in Redis) finishes, and `Settler.close` releases what it reserved. Without
 this, a cancel at that await left the lease pinned until it expired.
@@ -8,7 +8,6 @@ this, a cancel at that await left the lease pinned until it expired.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 from .. import decide
@@ -18,6 +17,7 @@ from ..metrics import Metrics
 from ..usage import lease_meta
 from .context import RequestContext, State
 from .record import lease_record
+from .protect import start_protected
 
 if TYPE_CHECKING:
     from ..budgets.engine import CostFn, ProviderOf
@@ -90,7 +90,7 @@ class Admitter:
                        cost_fn: "CostFn", provider_of: "ProviderOf", provider: str) -> Admission:
         assert self.engine is not None and ctx.req is not None
         gw_conf = ctx.config.gateway
-        task = asyncio.get_running_loop().create_task(self.engine.admit(
+        task, result = start_protected(self.engine.admit(
             request_id=ctx.request_id, attrs=attrs, model=ctx.req.model, provider=provider,
             input_tokens=ctx.req.input_tokens_upper, max_output_tokens=cap,
             min_output_tokens=min(MIN_OUTPUT_TOKENS, cap), cost_fn=cost_fn, provider_of=provider_of,
@@ -101,4 +101,4 @@ class Admitter:
         # Kept until the request ends: a cancel can land after the reserve finished but before this
         # coroutine resumed, and Settler.close must still find (and release) what it reserved.
         ctx.pending_admit = task
-        return await asyncio.shield(task)
+        return await result

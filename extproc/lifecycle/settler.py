@@ -14,22 +14,22 @@ Every way a request can end comes through here:
                  still running (the client left mid-admission) is awaited and released; a lease
                  never forwarded is released; a forwarded request is settled as `interrupted`.
 
-The Redis work runs in a task of its own that the caller awaits through `asyncio.shield`, so a
-cancel arriving at that await (grpc.aio cancels a stream's handler when Envoy resets it) cannot
-stop it halfway. A settle Redis cannot take goes to the outbox (budgets/outbox.py).
+The Redis work runs in a task of its own that the caller awaits through a future of its own
+(lifecycle/protect.py), so a cancel arriving at that await (grpc.aio cancels a stream's handler
+when Envoy resets it) cannot stop it halfway. A settle Redis cannot take goes to the outbox (budgets/outbox.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ..errors import GatewayError
 from ..usage import count_blocked, usage_write
 from .context import RequestContext, State
 from .meters import JsonMeter, Metered, SseMeter
+from .protect import run_protected
 from .record import build_record
 
 if TYPE_CHECKING:
@@ -37,24 +37,6 @@ if TYPE_CHECKING:
     from ..budgets import BudgetEngine
 
 log = logging.getLogger("tollgate.settler")
-
-_BACKGROUND: set[asyncio.Task[Any]] = set()
-
-
-def run_protected(coro: Coroutine[Any, Any, Any]) -> "asyncio.Future[Any]":
-    """Run `coro` in its own task, kept referenced until done, and return a shield of it: the
-    caller may be cancelled while waiting, the work is not."""
-    task = asyncio.get_running_loop().create_task(coro)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
-    return asyncio.shield(task)
-
-
-async def drain(timeout: float = 5.0) -> None:
-    """Wait for settles still running (at shutdown, before Redis is closed)."""
-    if _BACKGROUND:
-        await asyncio.wait(list(_BACKGROUND), timeout=timeout)
-
 
 class Settler:
     def __init__(self, gw: "Gateway", ctx: RequestContext, budgets: "BudgetEngine | None") -> None:
