@@ -46,8 +46,10 @@ Measurements:
    ours, by our processes serving other targets (idle stacks, health checks: a few %), and the
    hypervisor's steal time.
 2. Streaming time to the first `data:` event and to the end of the stream, sequential requests
-   (`x-fake-token-latency-ms: 20`), alternating direct / plain / tollgate / heavy. Not the
-   floor: it leaves SSE responses BUFFERED, since it never asks for STREAMED.
+   (`x-fake-token-latency-ms: 20`), alternating direct / plain / floor / tollgate / heavy /
+   cachehit. The floor switches an SSE response to STREAMED as Tollgate does, so "tollgate -
+   floor" is what Tollgate's own work adds to a stream, and "floor - plain" what the ext_proc
+   design costs one (four gRPC round trips before the first token reaches the client).
 3. The ext_procs' RSS (and high-water mark) at start, after each run and at the end. The default
    run's check compares the RSS after the first (warm-up) run with the end, over however many
    requests the run made (thousands, not 100,000; it says so). `--long` adds a run of
@@ -114,7 +116,7 @@ JWT_AUDIENCE = "tollgate-bench"
 JWT_HEADER = "cf-access-jwt-assertion"
 ALL_TARGETS = ("direct", "plain", "floor", "tollgate", "heavy", "workers2", "cachehit")
 CACHE_KEY = "cache-demo"  # policies/identity.yaml; policies/cache.yaml caches its answers
-STREAM_TARGETS = ("direct", "plain", "tollgate", "heavy", "cachehit")
+STREAM_TARGETS = ("direct", "plain", "floor", "tollgate", "heavy", "cachehit")
 LONG_CONNS = 32
 
 WRK_LUA = """
@@ -1044,6 +1046,10 @@ def print_report(results: dict[str, Any]) -> None:
             if name == "direct":
                 continue
             t.add_row(f"{name} - plain", "", f"{d['ttft_p50_ms']:+.2f}", f"{d['ttft_p95_ms']:+.2f}",
+                      f"{d['total_p50_ms']:+.2f}", f"{d['total_p95_ms']:+.2f}")
+        if "floor" in s and "tollgate" in s:  # what Tollgate's own work adds to a stream
+            d = {k: s["tollgate"][k] - s["floor"][k] for k in ("ttft_p50_ms", "ttft_p95_ms", "total_p50_ms", "total_p95_ms")}
+            t.add_row("tollgate - floor", "", f"{d['ttft_p50_ms']:+.2f}", f"{d['ttft_p95_ms']:+.2f}",
                       f"{d['total_p50_ms']:+.2f}", f"{d['total_p95_ms']:+.2f}")
         con.print(t)
 

@@ -11,8 +11,10 @@ Same as `tollgate serve`: `extproc.server.serve` (so `_new_server()`'s options, 
 `ExternalProcessor` stream loop that makes one processor per stream on its first message, the
 gRPC health service Envoy checks every second), uvloop when installed. Different: the processor's
 four phase methods answer every message with a prebuilt, empty CONTINUE (no header mutation, no
-body, no dynamic metadata, no mode override: an SSE response stays BUFFERED, so the floor is not
-in the streaming comparison); no Redis, no policy, no attribution, no metrics, no admin API.
+body, no dynamic metadata); the one answer that is not empty is the mode override an SSE
+response gets, to STREAMED, prebuilt too, as Tollgate switches it (so the floor's time to first
+token is what the ext_proc design costs a stream, and the bench prints Tollgate's against it);
+no Redis, no policy, no attribution, no metrics, no admin API.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from extproc.server import serve
 _REQUEST_HEADERS = msg.request_headers()
 _REQUEST_BODY = msg.request_body()
 _RESPONSE_HEADERS = msg.response_headers()
+_RESPONSE_HEADERS_SSE = msg.response_headers(None, msg.STREAMED_RESPONSE)
 _RESPONSE_BODY = msg.response_body()
 
 
@@ -46,6 +49,9 @@ class NoopProcessor:
         return _REQUEST_BODY
 
     async def response_headers(self, h: HttpHeaders) -> ProcessingResponse:
+        for hv in h.headers.headers:
+            if hv.key == "content-type":
+                return _RESPONSE_HEADERS_SSE if hv.raw_value.startswith(b"text/event-stream") else _RESPONSE_HEADERS
         return _RESPONSE_HEADERS
 
     async def response_body(self, b: HttpBody) -> ProcessingResponse:
