@@ -2,7 +2,7 @@
 against "the floor" measured in the same run.
 
     python -m tests.bench [--duration 5] [--warmup 1] [--conns 32,8,1] [--streams 30]
-                          [--targets direct,plain,floor,tollgate,heavy,workers2,cachehit]
+                          [--targets direct,plain,floor,floorredis,tollgate,heavy,workers2,cachehit]
                           [--long [--long-requests 100000] [--long-targets tollgate]] [--quick]
                           [--json .run/bench.json]
 
@@ -19,6 +19,11 @@ next run stop what a SIGKILLed one left):
   Tollgate's own server code and gRPC options that answers every message with an empty
   CONTINUE. Routed like `plain` (the no-op sets no x-tollgate-upstream). What the ext_proc
   design costs before Tollgate does any work.
+* `floorredis`: the floor plus the two Redis calls a hard cap costs each request (the reserve
+  script awaited on the request body, the settle script after the last response message), through
+  Tollgate's own budget store and script pipe with inputs built once, on a Redis of its own
+  (tests/bench_floor.py `--redis-url`). The best any Python ext_proc holding Tollgate's Redis
+  protocol could do here: Tollgate minus this is the rest of Tollgate's Python.
 * `tollgate`: the Tollgate stack (`extproc.stack.Stack`) with `policies/`: API key identity,
   two matching budgets (one shadow), attribution on. Own Redis, fake provider, ext_proc, Envoy.
 * `heavy`: a second stack with a heavier policy: `policies/` plus tests/bench_policies/heavy/
@@ -95,7 +100,7 @@ from typing import Any
 import yaml
 
 from extproc.envoy_config import inline_xds
-from extproc.procs import PidFile, Proc, free_port, wait_for_port
+from extproc.procs import PidFile, Proc, free_port, redis_proc, wait_for_port
 from extproc.stack import Stack, StackPorts, envoy_binary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,7 +119,7 @@ HEAVY_POLICIES = REPO / "tests" / "bench_policies" / "heavy"
 JWT_ISSUER = "https://idp.bench.tollgate.test"  # tests/bench_policies/heavy/bench-identity.yaml
 JWT_AUDIENCE = "tollgate-bench"
 JWT_HEADER = "cf-access-jwt-assertion"
-ALL_TARGETS = ("direct", "plain", "floor", "tollgate", "heavy", "workers2", "cachehit")
+ALL_TARGETS = ("direct", "plain", "floor", "floorredis", "tollgate", "heavy", "workers2", "cachehit")
 CACHE_KEY = "cache-demo"  # policies/identity.yaml; policies/cache.yaml caches its answers
 STREAM_TARGETS = ("direct", "plain", "floor", "tollgate", "heavy", "cachehit")
 LONG_CONNS = 32
@@ -620,6 +625,27 @@ def check_target(t: Target, stats0: dict[str, int], stats1: dict[str, int], prob
     return out
 
 
+def floorredis_check(t: Target, problems: list[str], timeout: float = 10.0) -> dict[str, int]:
+    """floorredis did its Redis work: one settle rolled up per request Envoy sent it, no lease left."""
+    import redis as sync_redis
+
+    from tests.bench_floor import USAGE_KEY
+
+    r = sync_redis.Redis(port=t.roles["redis"][0].ports[0])
+    deadline = time.monotonic() + timeout
+    while True:  # the last settles finish after their responses
+        rolled = sum(int(v) for k, v in r.hgetall(USAGE_KEY).items() if k.startswith(b"requests|"))
+        leases = sum(r.zcard(k) for k in r.scan_iter(match="floor:b:*:leases"))
+        if (rolled > t.wrk_requests and not leases) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    r.close()
+    expected = t.wrk_requests + 1  # + the probe; wrk does not count the ones it cut off, which may have settled
+    if not 0 <= rolled - expected <= t.cut_off + 4 or leases:
+        problems.append(f"floorredis: {rolled} settles rolled up for {expected} requests, {leases} leases left")
+    return {"settles_rolled_up": rolled, "leases_left": leases}
+
+
 def leases_left(t: Target, timeout: float = 10.0) -> list[str]:
     """What still pins money in the stack's Redis once nothing is in flight ([] = books closed)."""
     from tests.accounting import wait_closed
@@ -680,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wrk = Wrk(wrk_bin)
     stacks: list[Stack] = []
-    extra: list[Proc] = []  # plain and floor: Envoys and the no-op ext_proc
+    extra: list[Proc] = []  # plain, floor, floorredis: Envoys, the no-op ext_procs, floorredis's Redis
     extra_pids = PidFile(run_dir / "pids")
     targets: dict[str, Target] = {}
     results: dict[str, Any] = {
@@ -733,6 +759,29 @@ def main(argv: list[str] | None = None) -> int:
             targets["floor"] = Target("floor", f"http://127.0.0.1:{listen}/v1/chat/completions", api_key,
                                       f"Bearer {CLIENT_KEY}", False,
                                       {"extproc": [noop], "envoy": [envoy], "fake": [fake_proc]}, admin=admin)
+        if "floorredis" in names:
+            log("starting the floor with Redis (the no-op plus Tollgate's two budget scripts, its own Redis) ...")
+            port, listen, admin = free_port(), free_port(), free_port()
+            redis = redis_proc(free_port(), run_dir / "floorredis-redis").start()
+            extra.append(redis)
+            extra_pids.write(extra)
+            redis.wait_ready()
+            pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            noop = Proc("floorredis-extproc", [py, "-m", "tests.bench_floor", "--port", str(port), "--redis-url",
+                                               f"redis://127.0.0.1:{redis.ports[0]}/0"],
+                        log_path=run_dir / "floorredis-extproc.log", env={"PYTHONPATH": pythonpath}, ports=[port]).start()
+            extra.append(noop)
+            extra_pids.write(extra)
+            noop.wait_ready()
+            envoy = start_envoy("floorredis-envoy", floor_bootstrap(rendered, listen, admin,
+                                                                    str(run_dir / "floorredis-access.log"), port), run_dir)
+            extra.append(envoy)
+            extra_pids.write(extra)
+            wait_envoy_ready(admin, listen, envoy, extproc=True)
+            targets["floorredis"] = Target("floorredis", f"http://127.0.0.1:{listen}/v1/chat/completions", api_key,
+                                           f"Bearer {CLIENT_KEY}", False,
+                                           {"extproc": [noop], "envoy": [envoy], "redis": [redis], "fake": [fake_proc]},
+                                           admin=admin)
         if "tollgate" in names:
             targets["tollgate"] = tollgate
         if "heavy" in names:
@@ -837,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
         for t in order:
             if t.admin is not None and "extproc" in t.roles:
                 checks[t.name] = check_target(t, stats0[t.name], envoy_stats(t.admin), problems)
+        if "floorredis" in targets:
+            checks["floorredis"]["redis"] = floorredis_check(targets["floorredis"], problems)
         results["checks"] = checks
         results["leases_left"] = {t.name: leases_left(t) for t in order if t.gateway}
         results["probe_after"] = {t.name: probe(t) for t in order if t.gateway}

@@ -1,6 +1,6 @@
 """The benchmark's floor: a no-op ext_proc on Tollgate's own gRPC server code.
 
-    python -m tests.bench_floor --port P [--host 127.0.0.1]
+    python -m tests.bench_floor --port P [--host 127.0.0.1] [--redis-url redis://...]
 
 tests/bench.py runs this behind an Envoy whose bootstrap is Tollgate's own (same ext_proc filter,
 processing modes, cluster, health checks, access log), so the difference between this target and
@@ -15,17 +15,31 @@ body, no dynamic metadata); the one answer that is not empty is the mode overrid
 response gets, to STREAMED, prebuilt too, as Tollgate switches it (so the floor's time to first
 token is what the ext_proc design costs a stream, and the bench prints Tollgate's against it);
 no Redis, no policy, no attribution, no metrics, no admin API.
+
+With `--redis-url` (the bench's `floorredis`), the same no-op plus the two Redis calls a hard cap
+costs every forwarded request, through Tollgate's own budget store and script pipe
+(extproc/budgets/store.py, pipe.py): the reserve script on the request body, awaited before the
+answer, and the settle script (with its rollup increments and a record of Tollgate's size) after
+the last response message, awaited when the stream ends, as Tollgate does. Its inputs are built
+once (two calendar counters, like the default policy's); only the request id changes. So it is
+the best any Python ext_proc holding Tollgate's Redis protocol could do on this machine: the
+difference between it and Tollgate is the rest of Tollgate's Python (identity, policy, pricing,
+records, metrics, headers, dynamic metadata).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import logging
+import os
+import time
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
 from extproc import messages as msg
+from extproc.lifecycle.protect import start_protected
 from extproc.server import serve
 
 # Built once: every stream gets the same four objects (grpc serializes them; nothing mutates them).
@@ -65,10 +79,100 @@ class NoopProcessor:
         pass
 
 
+USAGE_KEY = "floor:usage:bench"  # where floorredis's settles roll up (tests/bench.py counts them)
+
+
+class RedisFloor:
+    """What `--redis-url` adds: one reserve per request body, one settle per response, with
+    inputs built once. Shared by every stream of the process."""
+
+    def __init__(self, redis_url: str) -> None:
+        from extproc.budgets.pipe import ScriptPipe
+        from extproc.budgets.store import BudgetStore, CounterRef, UsageWrite
+
+        import redis.asyncio as aredis
+
+        client = aredis.Redis.from_url(redis_url)
+        pipe = ScriptPipe.for_client(client)
+        assert pipe is not None, "the floor's Redis must be plain TCP"
+        self.store = BudgetStore(client, prefix="floor:", grace=3600, pipe=pipe)
+        end = time.time() + 30 * 86400
+        self.counters = [CounterRef("floor:b:monthly:p:user=bench", end), CounterRef("floor:b:daily:p:team=bench", end)]
+        tup = '["bench","bench-team","bench",["ics"],"gpt-4o","fake",""]'
+        record = b'{"ts":"2026-12-02T00:00:00.000+00:00","request_id":"-","pad":"' + b"x" * 1400 + b'"'
+        # what a bench request rolls up (extproc/usage.py usage_write)
+        increments = ((f"requests|{tup}", 1), (f"input_tokens|{tup}", 9), (f"output_tokens|{tup}", 25),
+                      (f"cost_nusd|{tup}", 95_000), (f"d:allowed|{tup}", 1))
+        self.usage = UsageWrite(usage_key=USAGE_KEY, stream_key="floor:attribution", ttl=86400,
+                                stream_maxlen=100_000, stream_max_age_ms=86_400_000, record_json=record,
+                                increments=increments)
+        self.meta = USAGE_KEY.encode() + b"\nfloor:attribution\n100000\n86400000\n" + tup.encode() + b"\n" + record
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}-"
+
+    async def load(self) -> None:
+        await self.store.load()
+
+    def new_id(self) -> str:
+        return self._prefix + str(next(self._ids))
+
+    async def reserve(self, request_id: str) -> None:
+        await self.store.reserve(self.counters, [10**18, 10**18], [True, False], request_id=request_id,
+                                 amounts=[2_715_390, 2_715_390], now=None, ttl_now=time.time(), lease_seconds=660.0,
+                                 meta=self.meta)
+
+    async def release(self, request_id: str) -> None:
+        await self.store.release(self.counters, request_id=request_id, now=None)
+
+    async def settle(self, request_id: str) -> None:
+        await self.store.settle(self.counters, request_id=request_id, actual=95_000, now=None, ttl_now=time.time(),
+                                usage=self.usage)
+
+
+class RedisFloorProcessor(NoopProcessor):
+    """The floor plus Tollgate's two budget scripts (see the module docstring)."""
+
+    floor: RedisFloor  # set by main
+
+    def __init__(self) -> None:
+        self.request_id = self.floor.new_id()
+        self.reserving: asyncio.Task[None] | None = None
+        self.settling: asyncio.Task[None] | None = None
+
+    async def request_body(self, b: HttpBody) -> ProcessingResponse:
+        # As Tollgate's admitter: a cancel (Envoy reset the stream) must not lose a reserve that landed.
+        self.reserving, done = start_protected(self.floor.reserve(self.request_id))
+        await done
+        return _REQUEST_BODY
+
+    async def response_body(self, b: HttpBody) -> ProcessingResponse:
+        if b.end_of_stream and self.settling is None:
+            self.settling = asyncio.get_running_loop().create_task(self.floor.settle(self.request_id))
+        return _RESPONSE_BODY
+
+    async def close(self) -> None:
+        if self.settling is not None:
+            await self.settling
+        elif self.reserving is not None:  # never answered (wrk stopped mid-request): as Tollgate, release
+            await self.reserving
+            await self.floor.release(self.request_id)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    new: type[NoopProcessor] = NoopProcessor
+    if args.redis_url:
+        RedisFloorProcessor.floor = RedisFloor(args.redis_url)
+        await RedisFloorProcessor.floor.load()
+        new = RedisFloorProcessor
+    # Nothing to drain for: the bench stops Envoy first.
+    await serve(new, args.host, args.port, drain_seconds=0.0, grace_seconds=1.0)  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tests.bench_floor", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--redis-url", help="also run Tollgate's reserve and settle scripts per request (floorredis)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -77,8 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    # Nothing to drain for: the bench stops Envoy first.
-    asyncio.run(serve(NoopProcessor, args.host, args.port, drain_seconds=0.0, grace_seconds=1.0))  # type: ignore[arg-type]
+    asyncio.run(_serve(args))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_bench_quick(tmp_path: Path) -> None:
                 assert cpu["envoy"] > 0, (target, c, cpu)
             if target not in ("direct", "plain"):
                 assert cpu["extproc"] > 0, (target, c, cpu)
-            if target in ("tollgate", "heavy", "workers2"):
+            if target in ("floorredis", "tollgate", "heavy", "workers2"):
                 assert cpu["redis"] > 0, (target, c, cpu)
         if target != "direct" and target != "plain":
             assert r["ratios"][target]["32"]["vs_plain"]["rps"] > 0
@@ -81,6 +81,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     hits = r["checks"]["cachehit"]["attribution"]  # cache: every request after the first probe was a hit
     assert 1 <= hits["cache"].get("miss", 0) <= 2 and hits["cache"]["hit"] > 0 and set(hits["cache"]) == {"hit", "miss"}, hits
     assert r["leases_left"]["cachehit"] == [], r["leases_left"]
+    fr = r["checks"]["floorredis"]  # its reserve and settle ran for (nearly) every request
+    assert fr["redis"]["leases_left"] == 0 and fr["redis"]["settles_rolled_up"] > fr["wrk_requests"]
     floor = r["checks"]["floor"]["envoy_stats_delta"]
     assert floor["http.tollgate.ext_proc.streams_started"] >= r["checks"]["floor"]["wrk_requests"]
 
