@@ -226,7 +226,13 @@ def test_a_failing_receiver_is_retried(als: Stack, receiver: Receiver) -> None:
     assert post(als, "al-flaky", run).status_code == 200
     receiver.wait_for(lambda: any(p["scope"] == {"run": run} for p in receiver.got("/flaky")))
     assert receiver.attempts("/flaky") - before == 2  # the 500, then the 200
-    log = [e for e in delivery_log(als) if e["alert"] == "flaky" and e["counter"] == f"run={run}"]
+
+    def flaky_log() -> list[dict]:
+        return [e for e in delivery_log(als) if e["alert"] == "flaky" and e["counter"] == f"run={run}"]
+
+    # The sender logs an attempt once its answer is back: the receiver can have the 200 first.
+    receiver.wait_for(lambda: len(flaky_log()) >= 2)
+    log = flaky_log()
     assert [(e["attempt"], e["outcome"], e["status"]) for e in log] == [(1, "retrying", 500), (2, "delivered", 200)]
     assert log[0]["retry_in_s"] == 0.2
     failures = sum(metric(als, i, "tollgate_alert_delivery_attempt_failures_total", alert="flaky") for i in (0, 1))
