@@ -742,46 +742,33 @@ def main(argv: list[str] | None = None) -> int:
             wait_envoy_ready(admin, listen, plain)
             targets["plain"] = Target("plain", f"http://127.0.0.1:{listen}/v1/chat/completions", api_key,
                                       f"Bearer {CLIENT_KEY}", False, {"envoy": [plain], "fake": [fake_proc]}, admin=admin)
-        if "floor" in names:
-            log("starting the floor (no-op ext_proc, Envoy with Tollgate's ext_proc filter) ...")
+        def start_floor(name: str, extproc_args: list[str], roles: dict[str, list[Proc]]) -> None:
+            """A no-op ext_proc (tests/bench_floor.py) and an Envoy with Tollgate's ext_proc filter in front."""
             port, listen, admin = free_port(), free_port(), free_port()
             pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-            noop = Proc("floor-extproc", [py, "-m", "tests.bench_floor", "--port", str(port)],
-                        log_path=run_dir / "floor-extproc.log", env={"PYTHONPATH": pythonpath}, ports=[port]).start()
+            noop = Proc(f"{name}-extproc", [py, "-m", "tests.bench_floor", "--port", str(port), *extproc_args],
+                        log_path=run_dir / f"{name}-extproc.log", env={"PYTHONPATH": pythonpath}, ports=[port]).start()
             extra.append(noop)
             extra_pids.write(extra)
             noop.wait_ready()
-            envoy = start_envoy("floor-envoy", floor_bootstrap(rendered, listen, admin, str(run_dir / "floor-access.log"),
-                                                               port), run_dir)
+            envoy = start_envoy(f"{name}-envoy", floor_bootstrap(rendered, listen, admin, str(run_dir / f"{name}-access.log"),
+                                                                 port), run_dir)
             extra.append(envoy)
             extra_pids.write(extra)
             wait_envoy_ready(admin, listen, envoy, extproc=True)
-            targets["floor"] = Target("floor", f"http://127.0.0.1:{listen}/v1/chat/completions", api_key,
-                                      f"Bearer {CLIENT_KEY}", False,
-                                      {"extproc": [noop], "envoy": [envoy], "fake": [fake_proc]}, admin=admin)
+            targets[name] = Target(name, f"http://127.0.0.1:{listen}/v1/chat/completions", api_key, f"Bearer {CLIENT_KEY}",
+                                   False, {"extproc": [noop], "envoy": [envoy], **roles, "fake": [fake_proc]}, admin=admin)
+
+        if "floor" in names:
+            log("starting the floor (no-op ext_proc, Envoy with Tollgate's ext_proc filter) ...")
+            start_floor("floor", [], {})
         if "floorredis" in names:
             log("starting the floor with Redis (the no-op plus Tollgate's two budget scripts, its own Redis) ...")
-            port, listen, admin = free_port(), free_port(), free_port()
             redis = redis_proc(free_port(), run_dir / "floorredis-redis").start()
             extra.append(redis)
             extra_pids.write(extra)
             redis.wait_ready()
-            pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-            noop = Proc("floorredis-extproc", [py, "-m", "tests.bench_floor", "--port", str(port), "--redis-url",
-                                               f"redis://127.0.0.1:{redis.ports[0]}/0"],
-                        log_path=run_dir / "floorredis-extproc.log", env={"PYTHONPATH": pythonpath}, ports=[port]).start()
-            extra.append(noop)
-            extra_pids.write(extra)
-            noop.wait_ready()
-            envoy = start_envoy("floorredis-envoy", floor_bootstrap(rendered, listen, admin,
-                                                                    str(run_dir / "floorredis-access.log"), port), run_dir)
-            extra.append(envoy)
-            extra_pids.write(extra)
-            wait_envoy_ready(admin, listen, envoy, extproc=True)
-            targets["floorredis"] = Target("floorredis", f"http://127.0.0.1:{listen}/v1/chat/completions", api_key,
-                                           f"Bearer {CLIENT_KEY}", False,
-                                           {"extproc": [noop], "envoy": [envoy], "redis": [redis], "fake": [fake_proc]},
-                                           admin=admin)
+            start_floor("floorredis", ["--redis-url", f"redis://127.0.0.1:{redis.ports[0]}/0"], {"redis": [redis]})
         if "tollgate" in names:
             targets["tollgate"] = tollgate
         if "heavy" in names:
@@ -972,10 +959,12 @@ def summarize(results: dict[str, Any]) -> None:
             ratios.setdefault(target, {})[conns] = row
     results["ratios"] = ratios
     s = results.get("stream")
+    keys = ("ttft_p50_ms", "ttft_p95_ms", "total_p50_ms", "total_p95_ms")
     if s and "plain" in s:
         results["stream_minus_plain_ms"] = {
-            name: {k: round(v[k] - s["plain"][k], 2) for k in ("ttft_p50_ms", "ttft_p95_ms", "total_p50_ms", "total_p95_ms")}
-            for name, v in s.items() if name != "plain"}
+            name: {k: round(v[k] - s["plain"][k], 2) for k in keys} for name, v in s.items() if name != "plain"}
+    if s and "floor" in s and "tollgate" in s:  # what Tollgate's own work adds to a stream
+        results["stream_minus_floor_ms"] = {"tollgate": {k: round(s["tollgate"][k] - s["floor"][k], 2) for k in keys}}
     results["rss_check"] = rss_check(results)
     results["goals"] = goals(results)
 
@@ -1093,15 +1082,12 @@ def print_report(results: dict[str, Any]) -> None:
         for name, r in s.items():
             t.add_row(name, str(r["n"]), f"{r['ttft_p50_ms']:.2f}", f"{r['ttft_p95_ms']:.2f}",
                       f"{r['total_p50_ms']:.2f}", f"{r['total_p95_ms']:.2f}")
-        for name, d in (results.get("stream_minus_plain_ms") or {}).items():
-            if name == "direct":
-                continue
-            t.add_row(f"{name} - plain", "", f"{d['ttft_p50_ms']:+.2f}", f"{d['ttft_p95_ms']:+.2f}",
-                      f"{d['total_p50_ms']:+.2f}", f"{d['total_p95_ms']:+.2f}")
-        if "floor" in s and "tollgate" in s:  # what Tollgate's own work adds to a stream
-            d = {k: s["tollgate"][k] - s["floor"][k] for k in ("ttft_p50_ms", "ttft_p95_ms", "total_p50_ms", "total_p95_ms")}
-            t.add_row("tollgate - floor", "", f"{d['ttft_p50_ms']:+.2f}", f"{d['ttft_p95_ms']:+.2f}",
-                      f"{d['total_p50_ms']:+.2f}", f"{d['total_p95_ms']:+.2f}")
+        for base in ("plain", "floor"):
+            for name, d in (results.get(f"stream_minus_{base}_ms") or {}).items():
+                if name == "direct":
+                    continue
+                t.add_row(f"{name} - {base}", "", f"{d['ttft_p50_ms']:+.2f}", f"{d['ttft_p95_ms']:+.2f}",
+                          f"{d['total_p50_ms']:+.2f}", f"{d['total_p95_ms']:+.2f}")
         con.print(t)
 
     for name, samples in (results.get("memory_kb") or {}).items():
