@@ -41,6 +41,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeade
 from extproc import messages as msg
 from extproc.lifecycle.protect import start_protected
 from extproc.server import serve
+from extproc.usage import lease_meta, usage_write
 
 # Built once: every stream gets the same four objects (grpc serializes them; nothing mutates them).
 _REQUEST_HEADERS = msg.request_headers()
@@ -79,7 +80,13 @@ class NoopProcessor:
         pass
 
 
-USAGE_KEY = "floor:usage:bench"  # where floorredis's settles roll up (tests/bench.py counts them)
+# What floorredis's settles write: a record of the size and identity fields of a bench request's,
+# rolled up and appended to the stream by Tollgate's own usage writer (extproc/usage.py).
+_RECORD = {"ts": "2026-12-02T00:00:00.000+00:00", "request_id": "-", "user": "bench", "team": "bench-team",
+           "app": "bench", "groups": ["ics"], "model_served": "gpt-4o", "provider": "fake", "service_token": None,
+           "decision": "allowed", "input_tokens": 9, "output_tokens": 25, "cost_nusd": 95_000, "pad": "x" * 1400}
+_PREFIX = "floor:"
+USAGE_KEY = usage_write(_RECORD, prefix=_PREFIX).usage_key  # tests/bench.py counts the settles rolled up here
 
 
 class RedisFloor:
@@ -88,25 +95,19 @@ class RedisFloor:
 
     def __init__(self, redis_url: str) -> None:
         from extproc.budgets.pipe import ScriptPipe
-        from extproc.budgets.store import BudgetStore, CounterRef, UsageWrite
+        from extproc.budgets.store import BudgetStore, CounterRef
 
         import redis.asyncio as aredis
 
         client = aredis.Redis.from_url(redis_url)
         pipe = ScriptPipe.for_client(client)
         assert pipe is not None, "the floor's Redis must be plain TCP"
-        self.store = BudgetStore(client, prefix="floor:", grace=3600, pipe=pipe)
+        self.store = BudgetStore(client, prefix=_PREFIX, grace=3600, pipe=pipe)
         end = time.time() + 30 * 86400
-        self.counters = [CounterRef("floor:b:monthly:p:user=bench", end), CounterRef("floor:b:daily:p:team=bench", end)]
-        tup = '["bench","bench-team","bench",["ics"],"gpt-4o","fake",""]'
-        record = b'{"ts":"2026-12-02T00:00:00.000+00:00","request_id":"-","pad":"' + b"x" * 1400 + b'"'
-        # what a bench request rolls up (extproc/usage.py usage_write)
-        increments = ((f"requests|{tup}", 1), (f"input_tokens|{tup}", 9), (f"output_tokens|{tup}", 25),
-                      (f"cost_nusd|{tup}", 95_000), (f"d:allowed|{tup}", 1))
-        self.usage = UsageWrite(usage_key=USAGE_KEY, stream_key="floor:attribution", ttl=86400,
-                                stream_maxlen=100_000, stream_max_age_ms=86_400_000, record_json=record,
-                                increments=increments)
-        self.meta = USAGE_KEY.encode() + b"\nfloor:attribution\n100000\n86400000\n" + tup.encode() + b"\n" + record
+        self.counters = [CounterRef(f"{_PREFIX}b:monthly:p:user=bench", end),
+                         CounterRef(f"{_PREFIX}b:daily:p:team=bench", end)]
+        self.usage = usage_write(_RECORD, prefix=_PREFIX)
+        self.meta = lease_meta(_RECORD, prefix=_PREFIX)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-"
 
