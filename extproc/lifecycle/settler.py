@@ -16,7 +16,8 @@ Every way a request can end comes through here:
 
 The Redis work runs in a task of its own that the caller awaits through a future of its own
 (lifecycle/protect.py), so a cancel arriving at that await (grpc.aio cancels a stream's handler
-when Envoy resets it) cannot stop it halfway. A settle Redis cannot take goes to the outbox (budgets/outbox.py).
+when Envoy resets it) cannot stop it halfway. A settle Redis cannot take goes to the outbox
+(budgets/outbox.py).
 """
 
 from __future__ import annotations
