@@ -300,7 +300,8 @@ def test_disconnect_before_headers_complete(lc):
 
 def test_disconnect_after_sending_before_the_response(lc):
     """The request was forwarded; the provider takes 1.6 s (JSON, 16 tokens x 100 ms); the client
-    leaves after 0.4 s. The provider billed the whole answer (it did the work): never $0."""
+    leaves after 0.4 s. The provider billed the whole answer (it did the work), and so does the
+    gateway: the reservation, never less than the provider's bill."""
     run = Run(lc)
     data = raw_request(chat("x" * 40), run.headers(token_latency_ms=100, output_tokens=16))
     with ThreadPoolExecutor(20) as ex:
@@ -308,9 +309,12 @@ def test_disconnect_after_sending_before_the_response(lc):
     books, ledger = run.check()
     recs = books.of(run.counter)
     assert len(ledger) == 20 and len(recs) == 20, (len(ledger), len(recs))
-    for rec in recs:
+    prices = Prices()
+    by_envoy = {r["envoy_request_id"]: r for r in recs}
+    for e in ledger:
+        rec = by_envoy[e["request_id"]]
         assert rec["end"] == "interrupted" and rec["complete"] is False, rec
-        assert rec["estimate"] is not None and rec["cost_nusd"] > 0, rec
+        assert rec["estimate"] == "reservation" and rec["cost_nusd"] >= prices.ledger_cost(e) > 0, (rec, e)
 
 
 def test_disconnect_mid_admission(lc):

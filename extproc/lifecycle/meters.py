@@ -6,11 +6,13 @@ cost to settle, whether that is the provider's own count, and if not, which docu
 
 Estimates, each never below what was visibly delivered (docs/budgets.md, "When usage is missing"):
 
-* `input_bound`   the request was forwarded but no response came (client or upstream went away
-                  first): the input upper bound the reservation used, no output.
-* `reservation`   the provider answered (a JSON status line arrived, or Envoy timed out waiting
-                  after forwarding) but its usage was never seen: the whole reservation, the most
-                  the request could have cost.
+* `input_bound`   a streamed request was forwarded but no response came (client or upstream went
+                  away first): the input upper bound the reservation used, no output (a provider
+                  stops generating a stream when its client goes).
+* `reservation`   a JSON request was forwarded and its usage was never seen (the client or the
+                  upstream went away before or after its status line, or Envoy timed out waiting):
+                  the whole reservation, the most the request could have cost. A provider finishes
+                  a JSON answer whoever is still listening, and bills all of it.
 * `body_bytes`    a 2xx JSON body without readable usage (truncated, or no `usage`): the input
                   upper bound plus one output token per 4 bytes of the body received.
 * `deltas`        a stream cut short before its final usage: the provider's input count if it gave
@@ -101,9 +103,11 @@ class JsonMeter:
         if ctx.gateway_error is not None:
             return gateway_error_cost(ctx)
         if end != "completed":
-            # The provider sends a JSON status line once it has finished: from then on it bills
-            # the whole answer, which we did not see.
-            if ctx.status == 0:
+            # A JSON answer is billed whole whether or not anyone waits for it. No status line
+            # seen is not proof that none came: Envoy may drop the response headers message when
+            # the upstream resets right after them (a truncated 200 once came as status 0 in
+            # CI), so only a stream gets the smaller estimate.
+            if ctx.status == 0 and ctx.req.stream:
                 return _input_bound(ctx)
             return Metered(None, 0, False) if ctx.status >= 400 else _reservation(ctx)
         if ctx.status >= 400:
