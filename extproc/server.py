@@ -8,29 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# The ext_proc's connections on grpc's older iomgr endpoints instead of grpcio 1.85's default
-# EventEngine ones. grpc reads GRPC_EXPERIMENTS once, when it is first imported, so this comes
-# before that import (nothing in `tollgate serve` or tests/bench_floor.py imports grpc earlier).
-# Measured 2026-12-02 on 2 cores, back-to-back requests at one connection (wrk -c1), runs
-# interleaved: Tollgate's p50 4.1 ms instead of 5.0 (six runs each), its ext_proc CPU 2.4-2.9 ms
-# per request instead of 3.2-3.5; the no-op floor's p50 1.75 ms instead of 2.65 (two). With the
-# EventEngine endpoints grpc's event_engine threads spent 100-200 us per request at one connection,
-# with these about 5. At 32 connections, and for a stream's first token (processes idle between
-# chunks), no difference beyond run-to-run noise. The disconnect storm test drained more dropped
-# requests (39,000 against 33,000 in 5 s). An operator's own GRPC_EXPERIMENTS wins; a grpcio that
-# no longer knows these names logs "Unknown experiment" and runs as before.
-GRPC_EXPERIMENTS = "-event_engine_listener,-event_engine_for_all_other_endpoints"
-if "grpc" not in sys.modules:
-    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
-
-import grpc  # noqa: E402
+import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
