@@ -86,7 +86,8 @@ _RECORD = {"ts": "2026-12-02T00:00:00.000+00:00", "request_id": "-", "user": "be
            "app": "bench", "groups": ["ics"], "model_served": "gpt-4o", "provider": "fake", "service_token": None,
            "decision": "allowed", "input_tokens": 9, "output_tokens": 25, "cost_nusd": 95_000, "pad": "x" * 1400}
 _PREFIX = "floor:"
-USAGE_KEY = usage_write(_RECORD, prefix=_PREFIX).usage_key  # tests/bench.py counts the settles rolled up here
+_USAGE = usage_write(_RECORD, prefix=_PREFIX)  # the same for every settle
+USAGE_KEY = _USAGE.usage_key  # tests/bench.py counts the settles rolled up here
 
 
 class RedisFloor:
@@ -106,7 +107,7 @@ class RedisFloor:
         end = time.time() + 30 * 86400
         self.counters = [CounterRef(f"{_PREFIX}b:monthly:p:user=bench", end),
                          CounterRef(f"{_PREFIX}b:daily:p:team=bench", end)]
-        self.usage = usage_write(_RECORD, prefix=_PREFIX)
+        self.usage = _USAGE
         self.meta = lease_meta(_RECORD, prefix=_PREFIX)
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-"
