@@ -55,28 +55,21 @@ def header_mutation(set_headers: Mapping[str, str] | None = None, remove: Iterab
     return hm
 
 
-def common(
-    set_headers: Mapping[str, str] | None = None,
-    remove: Iterable[str] = (),
-    body: bytes | None = None,
-    clear_route_cache: bool = False,
-) -> CommonResponse:
-    resp = CommonResponse()
+def _fill_common(resp: CommonResponse, set_headers: Mapping[str, str] | None, remove: Iterable[str],
+                 body: bytes | None, clear_route_cache: bool) -> None:
     if clear_route_cache:
         resp.clear_route_cache = True
     if set_headers or remove:
         _fill_headers(resp.header_mutation, set_headers, remove)
     if body is not None:
         resp.body_mutation.body = body
-    return resp
 
 
-def metadata(fields: Mapping[str, Any]) -> Struct:
-    """Dynamic metadata under the `tollgate` namespace (Envoy's access log reads it).
+def _fill_metadata(s: Struct, fields: Mapping[str, Any]) -> None:
+    """Dynamic metadata under the `tollgate` namespace (Envoy's access log reads it), written into `s`.
 
     Scalars are set field by field (5 us for a dozen fields, against 14 us through
     `Struct.update`, which walks every value in Python); anything else goes through `update`."""
-    s = Struct()
     out = s.fields["tollgate"].struct_value
     f = out.fields
     for k, v in fields.items():
@@ -90,6 +83,11 @@ def metadata(fields: Mapping[str, Any]) -> Struct:
             f[k].number_value = v
         else:
             out.update({k: v})
+
+
+def metadata(fields: Mapping[str, Any]) -> Struct:
+    s = Struct()
+    _fill_metadata(s, fields)
     return s
 
 
@@ -102,29 +100,61 @@ _CONTINUE = {
     "response_body": ProcessingResponse(response_body=BodyResponse(response=CommonResponse())),
 }
 
+# The phase answers below write every part into one ProcessingResponse: with upb, passing a
+# CommonResponse or a Struct to a message's constructor copies it, and building the parts apart
+# and copying them in cost the request body's answer about a third more (measured: 16-17 us
+# against 10.5-14.7 for two headers, one removal and a dozen metadata fields).
 
-def request_headers(resp: CommonResponse | None = None) -> ProcessingResponse:
-    if resp is None:
+
+def request_headers(remove: Iterable[str] = ()) -> ProcessingResponse:
+    if not remove:
         return _CONTINUE["request_headers"]
-    return ProcessingResponse(request_headers=HeadersResponse(response=resp))
+    pr = ProcessingResponse()
+    _fill_headers(pr.request_headers.response.header_mutation, None, remove)
+    return pr
 
 
-def request_body(resp: CommonResponse | None = None, meta: Struct | None = None) -> ProcessingResponse:
-    if resp is None and meta is None:
+def request_body(set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = (), body: bytes | None = None,
+                 *, clear_route_cache: bool = False, meta: Mapping[str, Any] | None = None) -> ProcessingResponse:
+    if not (set_headers or remove or body is not None or clear_route_cache or meta):
         return _CONTINUE["request_body"]
-    return ProcessingResponse(request_body=BodyResponse(response=resp or CommonResponse()), dynamic_metadata=meta)
+    pr = ProcessingResponse()
+    resp = pr.request_body.response
+    _fill_common(resp, set_headers, remove, body, clear_route_cache)
+    resp.SetInParent()
+    if meta:
+        _fill_metadata(pr.dynamic_metadata, meta)
+    return pr
 
 
-def response_headers(resp: CommonResponse | None = None, mode: ProcessingMode | None = None) -> ProcessingResponse:
-    if resp is None and mode is None:
+def response_headers(set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = (),
+                     mode: ProcessingMode | None = None) -> ProcessingResponse:
+    if not (set_headers or remove or mode is not None):
         return _CONTINUE["response_headers"]
-    return ProcessingResponse(response_headers=HeadersResponse(response=resp or CommonResponse()), mode_override=mode)
+    pr = ProcessingResponse()
+    resp = pr.response_headers.response
+    if set_headers or remove:
+        _fill_headers(resp.header_mutation, set_headers, remove)
+    else:
+        resp.SetInParent()
+    if mode is not None:
+        pr.mode_override.CopyFrom(mode)
+    return pr
 
 
-def response_body(resp: CommonResponse | None = None, meta: Struct | None = None) -> ProcessingResponse:
-    if resp is None and meta is None:
+def response_body(set_headers: Mapping[str, str] | None = None, body: bytes | None = None, *,
+                  clear_body: bool = False, meta: Mapping[str, Any] | None = None) -> ProcessingResponse:
+    if not (set_headers or body is not None or clear_body or meta):
         return _CONTINUE["response_body"]
-    return ProcessingResponse(response_body=BodyResponse(response=resp or CommonResponse()), dynamic_metadata=meta)
+    pr = ProcessingResponse()
+    resp = pr.response_body.response
+    _fill_common(resp, set_headers, (), body, False)
+    if clear_body:
+        resp.body_mutation.clear_body = True
+    resp.SetInParent()
+    if meta:
+        _fill_metadata(pr.dynamic_metadata, meta)
+    return pr
 
 
 def immediate(status: int, body: bytes, headers: Mapping[str, str] | None = None, details: str = "",

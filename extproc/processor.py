@@ -14,7 +14,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from envoy.service.ext_proc.v3.external_processor_pb2 import BodyMutation, CommonResponse, HttpBody, HttpHeaders, ProcessingResponse
+from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders, ProcessingResponse
 
 from . import access
 from . import messages as msg
@@ -110,7 +110,7 @@ class Processor:
                   or k in _IDENTITY_LOOKALIKES]
         # Provider-key headers still present: decided once the provider is known (request body).
         self._client_keys = {k: headers[k] for k in ("authorization", "x-api-key") if k in headers and k not in remove}
-        return msg.request_headers(msg.common(remove=remove) if remove else None)
+        return msg.request_headers(remove)
 
     # ---- request body ----------------------------------------------------------------
     async def request_body(self, b: HttpBody) -> ProcessingResponse:
@@ -155,9 +155,9 @@ class Processor:
         if body is not None:
             set_headers["content-length"] = str(len(body))
         ctx.to(State.FORWARDED)
-        meta = msg.metadata({"provider": ctx.provider, "model_requested": req.model,
-                             "model_served": ctx.model_served, "decision": ctx.decision, **self._request_meta()})
-        return msg.request_body(msg.common(set_headers, remove, body, clear_route_cache=True), meta)
+        meta = {"provider": ctx.provider, "model_requested": req.model, "model_served": ctx.model_served,
+                "decision": ctx.decision, **self._request_meta()}
+        return msg.request_body(set_headers, remove, body, clear_route_cache=True, meta=meta)
 
     def _trusted_metadata(self, raw: str | None) -> dict[str, str | list[str]]:
         """Custom attributes from `x-tollgate-metadata`, honoured only for trusted identity sources."""
@@ -194,13 +194,13 @@ class Processor:
         self.cache.on_response_headers(headers)  # cache
         if h.end_of_stream:
             await self.settler.finish()
-            return msg.response_headers(msg.common(add, remove))
+            return msg.response_headers(add, remove)
         if headers.get("content-type", "").startswith("text/event-stream"):
             ctx.streamed = True
             self.settler.meter = SseMeter(ctx, self._live_cap_nusd())
-            return msg.response_headers(msg.common(add, remove), msg.STREAMED_RESPONSE)
+            return msg.response_headers(add, remove, msg.STREAMED_RESPONSE)
         self.settler.meter = JsonMeter(ctx)
-        return msg.response_headers(msg.common(add, remove))
+        return msg.response_headers(add, remove)
 
     def _live_cap_nusd(self) -> int | None:
         """What a stream may cost before the live cap stops it: the request's reservation, when an
@@ -248,7 +248,7 @@ class Processor:
         add = {}
         if record.get("cost_usd") is not None and self.ctx.status < 400:
             add["x-tollgate-cost-usd"] = f"{record['cost_usd']:.9f}".rstrip("0").rstrip(".") or "0"
-        return msg.response_body(msg.common(add) if add else None, _meta(record))
+        return msg.response_body(add, meta=_meta(record))
 
     async def _stream_chunk(self, meter: SseMeter, b: HttpBody) -> ProcessingResponse:
         """One chunk of an SSE response (STREAMED mode): account it, enforce the live cap."""
@@ -260,7 +260,7 @@ class Processor:
             # (Measured: empty bodies instead keep the client waiting, with nothing more to read,
             # until the provider finishes on its own; the client then sees a clean end.)
             if b.end_of_stream:
-                return msg.response_body(CommonResponse(body_mutation=BodyMutation(clear_body=True)))
+                return msg.response_body(clear_body=True)
             return msg.immediate(200, b"", details="tollgate_budget_cap")
         cut = meter.feed(b.body, b.end_of_stream)
         self.cache.feed(b.body)  # cache
@@ -270,7 +270,7 @@ class Processor:
             record = await self.settler.finish(end="budget_cap")
             assert self.ctx.api is not None
             body = cut.body + self.ctx.api.stream_error_event(self._cap_error())
-            return msg.response_body(msg.common(body=body), _meta(record))
+            return msg.response_body(body=body, meta=_meta(record))
         if b.end_of_stream:
             record = await self.settler.finish()
             await self.cache.store(self.ctx, record)  # cache: only a stream that ended complete is written
@@ -375,6 +375,6 @@ def _too_large(size: int, limit: int) -> GatewayError:
                         type="invalid_request_error", code="request_too_large")
 
 
-def _meta(record: dict[str, Any]):
-    return msg.metadata({k: record[k] for k in ("model_served", "decision", "cost_usd", "input_tokens",
-                                                 "output_tokens", "status") if k in record})
+def _meta(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in ("model_served", "decision", "cost_usd", "input_tokens", "output_tokens", "status")
+            if k in record}

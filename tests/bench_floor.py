@@ -47,7 +47,7 @@ from extproc.usage import lease_meta, usage_write
 _REQUEST_HEADERS = msg.request_headers()
 _REQUEST_BODY = msg.request_body()
 _RESPONSE_HEADERS = msg.response_headers()
-_RESPONSE_HEADERS_SSE = msg.response_headers(None, msg.STREAMED_RESPONSE)
+_RESPONSE_HEADERS_SSE = msg.response_headers(mode=msg.STREAMED_RESPONSE)
 _RESPONSE_BODY = msg.response_body()
 
 
