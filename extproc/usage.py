@@ -51,12 +51,25 @@ def usage_key(prefix: str, day: date) -> str:
 
 
 def usage_tuple(record: Mapping[str, Any]) -> str:
-    """The rollup tuple of a record: which field group of the day hash it adds to."""
-    return orjson.dumps([
-        record.get("user") or "", record.get("team") or "", record.get("app") or "",
-        sorted(record.get("groups") or []), record.get("model_served") or "", record.get("provider") or "",
-        record.get("service_token") or "",
-    ]).decode()
+    """The rollup tuple of a record: which field group of the day hash it adds to.
+
+    Each forwarded request needs it twice (its lease's meta, its settle) and nearly every request
+    repeats the identity and model of an earlier one: the JSON text is kept per distinct tuple
+    (a dict lookup instead of a sort and an orjson round trip)."""
+    get = record.get
+    groups = get("groups") or ()
+    key = (get("user") or "", get("team") or "", get("app") or "", tuple(groups), get("model_served") or "",
+           get("provider") or "", get("service_token") or "")
+    text = _TUPLES.get(key)
+    if text is None:
+        if len(_TUPLES) >= _TUPLES_MAX:
+            _TUPLES.clear()  # many distinct identities: start over rather than grow
+        text = _TUPLES[key] = orjson.dumps([*key[:3], sorted(groups), *key[4:]]).decode()
+    return text
+
+
+_TUPLES: dict[tuple[Any, ...], str] = {}
+_TUPLES_MAX = 4096
 
 
 STREAM_ENTRY_OVERHEAD = 64

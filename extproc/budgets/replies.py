@@ -5,6 +5,7 @@ Kept apart from the engine (which decides) and the processor (which talks to Env
 
 from __future__ import annotations
 
+import functools
 import math
 from datetime import datetime, timezone
 from typing import Any
@@ -26,7 +27,10 @@ def usd(nusd: int) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
+@functools.lru_cache(maxsize=256)
 def iso(epoch: float | None) -> str | None:
+    """A reset time for headers and messages; cached, since nearly every request of a window
+    carries the same one (its period's end)."""
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
