@@ -17,7 +17,7 @@ from .pricing import ModelPrice
 from .providers import Api
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
     """A request that passed the checks: where it goes, what it may cost, and how to price fallbacks."""
 

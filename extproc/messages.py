@@ -6,7 +6,7 @@ upstream as an empty header, so everything here writes `raw_value`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from envoy.config.core.v3.base_pb2 import HeaderValueOption
@@ -155,6 +155,38 @@ def response_body(set_headers: Mapping[str, str] | None = None, body: bytes | No
     if meta:
         _fill_metadata(pr.dynamic_metadata, meta)
     return pr
+
+
+class Templates:
+    """Answers that differ between requests only in their request ids, built once per distinct
+    rest (identity, provider, model, decision, header mutations) and copied for each request:
+    upb copies a prebuilt answer in about a quarter of the time building it takes (measured
+    for the request body's answer with two headers, a removal and 13 metadata fields: 5.5 us
+    against 19.7 on the 2-core VM). The caller's key must name everything the answer holds
+    besides the ids; `owner` is an object the key names by id (an Identity), kept so that its
+    id cannot be reused for another while the entry lives."""
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        self._entries: dict[tuple[Any, ...], tuple[object, ProcessingResponse]] = {}
+        self._max = max_entries
+
+    def get(self, key: tuple[Any, ...], owner: object, build: Callable[[], ProcessingResponse]) -> ProcessingResponse:
+        hit = self._entries.get(key)
+        if hit is None or hit[0] is not owner:
+            if len(self._entries) >= self._max:
+                self._entries.clear()  # many distinct combinations: start over rather than grow
+            hit = self._entries[key] = (owner, build())
+        pr = ProcessingResponse()
+        pr.CopyFrom(hit[1])
+        return pr
+
+
+def set_meta_strings(pr: ProcessingResponse, fields: Mapping[str, str | None]) -> None:
+    """Add string fields to an answer's `tollgate` metadata (None: left out)."""
+    f = pr.dynamic_metadata.fields["tollgate"].struct_value.fields
+    for k, v in fields.items():
+        if v is not None:
+            f[k].string_value = v
 
 
 def immediate(status: int, body: bytes, headers: Mapping[str, str] | None = None, details: str = "",

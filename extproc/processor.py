@@ -25,6 +25,7 @@ from .identity import AuthError
 from .lifecycle.concurrency import Slot
 from .lifecycle.context import RequestContext, State
 from .lifecycle.meters import JsonMeter, SseMeter
+from .lifecycle.record import identity_fields
 from .lifecycle.settler import Settler
 from .pricing import NANO_PER_USD
 from .providers import api_for_path
@@ -152,12 +153,24 @@ class Processor:
             # and a Tollgate credential never does.
             remove += [h for h in self._client_keys
                        if not provider.pass_client_key or self.rt.auth.is_tollgate_credential(h, self._client_keys[h])]
-        if body is not None:
-            set_headers["content-length"] = str(len(body))
         ctx.to(State.FORWARDED)
-        meta = {"provider": ctx.provider, "model_requested": req.model, "model_served": ctx.model_served,
-                "decision": ctx.decision, **self._request_meta()}
-        return msg.request_body(set_headers, remove, body, clear_route_cache=True, meta=meta)
+        ids = {"request_id": ctx.request_id, "client_request_id": ctx.client_request_id or None}
+
+        def answer(body: bytes | None = None) -> ProcessingResponse:
+            if body is not None:
+                set_headers["content-length"] = str(len(body))
+            meta = {"provider": ctx.provider, "model_requested": req.model, "model_served": ctx.model_served,
+                    "decision": ctx.decision, **identity_fields(ctx.identity)[1]}
+            return msg.request_body(set_headers, remove, body, clear_route_cache=True, meta=meta)
+
+        if body is not None:  # a rewritten body: built whole
+            pr = answer(body)
+        else:  # otherwise only the ids differ from an earlier request's answer
+            key = (id(ctx.identity), ctx.provider, req.model, ctx.model_served, ctx.decision,
+                   *set_headers.items(), *remove)
+            pr = _TEMPLATES.get(key, ctx.identity, answer)
+        msg.set_meta_strings(pr, ids)
+        return pr
 
     def _trusted_metadata(self, raw: str | None) -> dict[str, str | list[str]]:
         """Custom attributes from `x-tollgate-metadata`, honoured only for trusted identity sources."""
@@ -343,12 +356,12 @@ class Processor:
                              meta=msg.metadata(self._request_meta()))
 
     def _request_meta(self) -> dict[str, Any]:
-        ctx, i = self.ctx, self.ctx.identity
-        ids = {"request_id": ctx.request_id, "client_request_id": ctx.client_request_id or None}
-        if i is None:
-            return ids
-        return {**ids, "user": i.user, "email": i.email, "groups": ",".join(i.groups),
-                "team": i.team, "app": i.app, "service_token": i.service_token, "auth_source": i.source}
+        ctx = self.ctx
+        return {"request_id": ctx.request_id, "client_request_id": ctx.client_request_id or None,
+                **identity_fields(ctx.identity)[1]}
+
+
+_TEMPLATES = msg.Templates()  # the request body's answers (`Processor.request_body`)
 
 
 def _dumps(body: dict[str, Any]) -> bytes:

@@ -158,10 +158,11 @@ class _ObservedEngine(BudgetEngine):
         super().__init__(budgets, redis, rate_limits=rate_limits)
         self.peeks: list[_Peek] = []
 
-    async def _peek_reserve(self, counters, req, amounts, model, provider):  # type: ignore[no-untyped-def]
+    async def _peek_reserve(self, plan, req, amounts, model, provider):  # type: ignore[no-untyped-def]
+        counters = plan.counters
         cost = next((a for c, a in zip(counters, amounts) if c.cb.unit == "usd"), 0)
         try:
-            res = await super()._peek_reserve(counters, req, amounts, model, provider)
+            res = await super()._peek_reserve(plan, req, amounts, model, provider)
         except StoreError as e:
             self.peeks.append(_Peek(model, provider, list(counters), cost, list(amounts), None, str(e), req.now))
             raise

@@ -72,6 +72,21 @@ _TUPLES: dict[tuple[Any, ...], str] = {}
 _TUPLES_MAX = 4096
 
 
+def _fields(tup: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The day hash's field names of a tuple: one per metric (in METRICS order) and one per
+    decision, formatted once per distinct tuple like the tuple itself."""
+    hit = _FIELDS.get(tup)
+    if hit is None:
+        if len(_FIELDS) >= _TUPLES_MAX:
+            _FIELDS.clear()
+        hit = _FIELDS[tup] = (tuple(f"{m}|{tup}" for m in METRICS),
+                              {d: f"{DECISION_FIELD}{d}|{tup}" for d in DECISIONS})
+    return hit
+
+
+_FIELDS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {}
+
+
 STREAM_ENTRY_OVERHEAD = 64
 """Bytes Redis spends per stream entry beyond the record itself (ID, field name, listpack framing), roughly."""
 
@@ -98,7 +113,15 @@ def _utc_day(ts: str) -> date:
     day = ts_day(ts)
     if day is None:
         raise ValueError(f"record ts {ts!r} is not an ISO 8601 time")
-    return date.fromisoformat(day)
+    d = _DAYS.get(day)
+    if d is None:
+        if len(_DAYS) >= 64:
+            _DAYS.clear()
+        d = _DAYS[day] = date.fromisoformat(day)
+    return d
+
+
+_DAYS: dict[str, date] = {}
 
 
 def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound(),
@@ -110,12 +133,15 @@ def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: 
     increments: tuple[tuple[str, int], ...] = ()
     if rollup:
         tup = usage_tuple(record)
+        names, decisions = _fields(tup)
+        get = record.get
         # A metric left out reads as 0 (`_tuples`, `Usage.add`): most records have no cache or
         # reasoning tokens, and each HINCRBY the settle script skips is about 1.4 us of Redis.
-        increments = tuple((f"{m}|{tup}", v) for m in METRICS
-                           if (v := (int(record.get(m) or 0) if m != "requests" else 1)))
-        if record.get("decision") in DECISIONS:
-            increments += ((f"{DECISION_FIELD}{record['decision']}|{tup}", 1),)
+        increments = ((names[0], 1), *((name, v) for m, name in zip(METRICS[1:], names[1:])
+                                       if (v := int(get(m) or 0))))
+        decision = decisions.get(get("decision"))
+        if decision is not None:
+            increments += ((decision, 1),)
         if record.get("cache") == "hit":  # cache: a hit costs 0; what it avoided is rolled up beside
             increments += ((f"cache_hits|{tup}", 1), (f"avoided_cost_nusd|{tup}", int(record.get("avoided_cost_nusd") or 0)))
     body = _open_object(record)

@@ -11,7 +11,7 @@ Decision = Literal["allowed", "clamped", "downgraded", "blocked", "store_error"]
 Mode = Literal["enforce", "shadow"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BudgetStatus:
     """One counter of one budget at one moment, in nano-USD.
 
@@ -22,6 +22,11 @@ class BudgetStatus:
     `retry_after_seconds`: calendar = seconds until the reset; rolling = seconds until enough old
     spend ages out for the request's cost to fit (window length if it never will; 0 if it fits now).
     `warn_level` is the highest `warn_at` fraction reached, if any.
+
+    A plain slotted dataclass, like the other values built for every request (CounterState,
+    ReserveResult, UsageWrite, the engine's _Request, decide's Candidate): a frozen one's
+    `__init__` sets each field through `object.__setattr__`, which measured twice the cost
+    (8.3 against 4.1 us for these 13 fields on the 2-core VM), for two or more per request.
     """
 
     name: str

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,7 +98,39 @@ class _Counter:
     period: Period | None
 
 
-@dataclass(frozen=True)
+class _Plan:
+    """The counters one identity-and-model combination counts against in the current periods,
+    with the lists a reserve sends for them: built once per combination and period, since only
+    the amounts and the request id change between its requests. Shared by those requests: read, never changed."""
+
+    __slots__ = ("counters", "refs", "limits", "enforce", "names", "meta_first", "valid_from", "valid_to")
+
+    def __init__(self, counters: tuple[_Counter, ...]) -> None:
+        self.counters = counters
+        self.refs = [c.ref for c in counters]
+        self.limits = [c.limit for c in counters]
+        self.enforce = [c.cb.enforce for c in counters]
+        self.names = [c.cb.budget.name for c in counters if c.cb.unit == "usd"]
+        # The lease's meta sits on the first counter and an expiry records that counter's amount
+        # as the cost: only a budget's amount is one.
+        self.meta_first = bool(counters) and counters[0].cb.unit == "usd"
+        periods = [c.period for c in counters if c.period is not None]
+        self.valid_from = max((p.start for p in periods), default=float("-inf"))
+        self.valid_to = min((p.end for p in periods), default=float("inf"))
+
+
+class _Match:
+    """The budgets one combination of attributes matches (see `BudgetEngine._matching`), and the
+    plan for its current periods."""
+
+    __slots__ = ("items", "plan")
+
+    def __init__(self, items: list[tuple[_Compiled, dict[str, str], str, int]]) -> None:
+        self.items = items
+        self.plan: _Plan | None = None
+
+
+@dataclass(slots=True)
 class _Request:
     """The parts of an admit call that stay the same across candidate models."""
 
@@ -156,7 +188,7 @@ class BudgetEngine:
         self._script_clock = None if use_redis else self._clock
         self._prefix = prefix
         self._store = BudgetStore(redis, prefix=prefix, grace=KEY_GRACE_SECONDS, pipe=pipe)
-        self._match_cache: dict[tuple[Any, ...], list[tuple[_Compiled, dict[str, str], str, int]]] = {}
+        self._match_cache: dict[tuple[Any, ...], _Match] = {}
         self.outbox = outbox
 
     def _script_now(self) -> float | None:
@@ -170,7 +202,7 @@ class BudgetEngine:
 
     # ---- matching -------------------------------------------------------------------------
 
-    def _matching(self, attrs: Attrs, for_status: bool) -> list[tuple[_Compiled, dict[str, str], str, int]]:
+    def _matching(self, attrs: Attrs, for_status: bool) -> _Match:
         """The budgets these attrs count against, each with its `per` values, their key part and the
         limit that applies: what does not depend on the time, so it is worked out once per
         distinct identity and model (the matching, tier and override rules, the limit's Decimal
@@ -188,12 +220,17 @@ class BudgetEngine:
             out.append((cb, per, per_key(per), limit_nusd(b, attrs) if cb.unit == "usd" else cb.fixed_limit))
         if len(self._match_cache) >= _MATCH_CACHE_SIZE:
             self._match_cache.clear()  # many distinct identities: start over rather than grow
-        self._match_cache[key] = out
-        return out
+        m = self._match_cache[key] = _Match(out)
+        return m
 
-    def _counters(self, attrs: Attrs, now: float, *, for_status: bool = False) -> list[_Counter]:
+    def _plan(self, attrs: Attrs, now: float, *, for_status: bool = False) -> _Plan:
+        """The counters at `now`: the plan of the period `now` is in, rebuilt when a period ends."""
+        m = self._matching(attrs, for_status)
+        plan = m.plan
+        if plan is not None and plan.valid_from <= now < plan.valid_to:
+            return plan
         out: list[_Counter] = []
-        for cb, per, per_part, limit in self._matching(attrs, for_status):
+        for cb, per, per_part, limit in m.items:
             w = cb.window
             if isinstance(w, Calendar):
                 period: Period | None = w.period(now)
@@ -204,7 +241,11 @@ class BudgetEngine:
                 ref = CounterRef(f"{self._prefix}{cb.key_part}:{w.key_part()}:{per_part}", None, w.bucket_seconds,
                                  w.n_buckets, cb.unit)
             out.append(_Counter(cb, dict(per), ref, limit, period))
-        return out
+        m.plan = plan = _Plan(tuple(out))
+        return plan
+
+    def _counters(self, attrs: Attrs, now: float, *, for_status: bool = False) -> tuple[_Counter, ...]:
+        return self._plan(attrs, now, for_status=for_status).counters
 
     def counter_keys(self, attrs: Attrs) -> list[str]:
         """The Redis hash keys this request would count against (attrs must include model/provider)."""
@@ -303,8 +344,9 @@ class BudgetEngine:
         )
         cost_fn, now = req.cost_fn, req.now
         eff: dict[str, str | list[str]] = {**req.attrs, "model": model, "provider": provider}
-        counters = self._counters(eff, now)
-        names = [c.cb.budget.name for c in counters if c.cb.unit == "usd"]
+        plan = self._plan(eff, now)
+        counters = plan.counters
+        names = list(plan.names)
         base: dict[str, Any] = dict(
             model=model, provider=provider, max_output_tokens=max_output_tokens, request_id=request_id, budgets=names
         )
@@ -319,7 +361,7 @@ class BudgetEngine:
             cost = 0
         amounts = _amounts(counters, cost, input_tokens, max_output_tokens)
         try:
-            res = await self._reserve(counters, req, amounts, model, provider)
+            res = await self._reserve(plan, req, amounts, model, provider)
         except StoreError as e:
             return _Attempt(self._store_failure(counters, e, base), [])
         if res.ok:
@@ -343,7 +385,7 @@ class BudgetEngine:
                 assert clamped_cost is not None
                 clamped = _amounts(counters, clamped_cost, input_tokens, cap)
                 try:
-                    res = await self._reserve(counters, req, clamped, model, provider)
+                    res = await self._reserve(plan, req, clamped, model, provider)
                 except StoreError as e:
                     return _Attempt(self._store_failure(counters, e, base), [])
                 if res.ok:
@@ -369,17 +411,15 @@ class BudgetEngine:
         )
         return _Attempt(Admission("blocked", blocking=blocking, shadow_blocked=shadow, reason=reason, **base), failing)
 
-    async def _reserve(self, counters: list[_Counter], req: _Request, amounts: list[int], model: str,
+    async def _reserve(self, plan: _Plan, req: _Request, amounts: list[int], model: str,
                        provider: str) -> ReserveResult:
-        # The lease's meta sits on the first counter and an expiry records that counter's amount
-        # as the cost: only a budget's amount is one.
         meta = b""
-        if req.meta is not None and counters[0].cb.unit == "usd":
-            meta = req.meta(model, provider, [c.cb.budget.name for c in counters if c.cb.unit == "usd"], amounts[0])
+        if req.meta is not None and plan.meta_first:
+            meta = req.meta(model, provider, plan.names, amounts[0])
         return await self._store.reserve(
-            [c.ref for c in counters],
-            [c.limit for c in counters],
-            [c.cb.enforce for c in counters],
+            plan.refs,
+            plan.limits,
+            plan.enforce,
             request_id=req.request_id,
             amounts=amounts,
             now=self._script_now(),
@@ -390,7 +430,7 @@ class BudgetEngine:
 
     @staticmethod
     def _largest_cap(
-        counters: list[_Counter],
+        counters: Sequence[_Counter],
         states: list[CounterState],
         cost_fn: CostFn,
         model: str,
@@ -419,7 +459,7 @@ class BudgetEngine:
     def _admitted(
         self,
         decision: Decision,
-        counters: list[_Counter],
+        counters: Sequence[_Counter],
         states: list[CounterState],
         cost: int,
         amounts: list[int],
@@ -444,7 +484,7 @@ class BudgetEngine:
             **base,
         )
 
-    def _store_failure(self, counters: list[_Counter], err: StoreError, base: dict[str, Any]) -> Admission:
+    def _store_failure(self, counters: Sequence[_Counter], err: StoreError, base: dict[str, Any]) -> Admission:
         if all(c.cb.budget.on_store_error == "fail_open" for c in counters):
             log.warning("budget store unavailable, failing open: %s", err)
             return Admission("allowed", store_error=True, reason=f"budget store unavailable ({err}); fail_open", **base)
@@ -485,11 +525,12 @@ class BudgetEngine:
         adm.request_id = ""
         return adm
 
-    async def _peek_reserve(self, counters: list[_Counter], req: _Request, amounts: list[int], model: str,
+    async def _peek_reserve(self, plan: _Plan, req: _Request, amounts: list[int], model: str,
                             provider: str) -> ReserveResult:
         """reserve.lua's verdict without its writes: over = spent + reserved + amount > limit, per counter."""
         now = req.now
-        states = await self._peek([c.ref for c in counters], now)
+        counters = plan.counters
+        states = await self._peek(plan.refs, now)
         ok, out = True, []
         for c, s, amount in zip(counters, states, amounts, strict=True):
             over = s.spent + s.reserved + amount > c.limit
@@ -653,7 +694,7 @@ def _amount(unit: str, cost: int, tokens: int) -> int:
     return cost if unit == "usd" else 1 if unit == "requests" else tokens
 
 
-def _amounts(counters: list[_Counter], cost: int, input_tokens: int, cap: int) -> list[int]:
+def _amounts(counters: Sequence[_Counter], cost: int, input_tokens: int, cap: int) -> list[int]:
     """What a reservation holds on each counter: the worst case (tokens: the input upper bound
     plus the output cap)."""
     return [_amount(c.cb.unit, cost, input_tokens + cap) for c in counters]

@@ -46,7 +46,7 @@ NO_COUNTER_MARKER_TTL = 86400
 retried (from the outbox) within this time without being rolled up twice."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UsageWrite:
     """What a settle also writes for attribution: day rollup increments and the record itself."""
 
@@ -92,7 +92,7 @@ class CounterRef:
         return max(1, math.ceil(self.period_end - now)) + grace
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CounterState:
     """A counter as the script saw it: settled spend, live reservations (excluding the asking request), buckets."""
 
@@ -102,7 +102,7 @@ class CounterState:
     buckets: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ReserveResult:
     ok: bool
     states: list[CounterState]

@@ -39,7 +39,7 @@ _NEVER_REACHED = ("connection_failure", "connection_termination", "no_healthy_up
                   "no_route", "overflow")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Metered:
     usage: Usage | None
     cost_nusd: int

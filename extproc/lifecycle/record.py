@@ -12,21 +12,41 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from ..pricing import NANO_PER_USD, Usage
 from .context import RequestContext
 
+if TYPE_CHECKING:
+    from ..identity import Identity
 
-def _identity(ctx: RequestContext) -> dict[str, Any]:
-    i = ctx.identity
-    return {
-        "user": i.user if i else None,
-        "email": i.email if i else None,
-        "groups": list(i.groups) if i else [],
-        "team": i.team if i else None,
-        "app": i.app if i else None,
-        "service_token": i.service_token if i else None,
-        "auth_source": i.source if i else None,
-    }
+
+_NO_IDENTITY: dict[str, Any] = {"user": None, "email": None, "groups": [], "team": None, "app": None,
+                                "service_token": None, "auth_source": None}
+
+
+def identity_fields(i: "Identity | None") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The identity's part of the record, and of the access log's metadata (groups joined):
+    worked out once per identity, since nearly every request repeats one an earlier request had
+    (an API key's or a cached JWT's Identity object). Callers copy them, never change them.
+
+    Keyed by the object's id, holding the object so its id cannot be reused while cached."""
+    if i is None:
+        return _NO_IDENTITY, {}
+    hit = _BY_IDENTITY.get(id(i))
+    if hit is not None and hit[0] is i:
+        return hit[1], hit[2]
+    record = {"user": i.user, "email": i.email, "groups": list(i.groups), "team": i.team, "app": i.app,
+              "service_token": i.service_token, "auth_source": i.source}
+    meta = {**record, "groups": ",".join(i.groups)}
+    if len(_BY_IDENTITY) >= _BY_IDENTITY_MAX:
+        _BY_IDENTITY.clear()  # many distinct identities: start over rather than grow
+    _BY_IDENTITY[id(i)] = (i, record, meta)
+    return record, meta
+
+
+_BY_IDENTITY: dict[int, tuple["Identity", dict[str, Any], dict[str, Any]]] = {}
+_BY_IDENTITY_MAX = 4096
 
 
 def _priced_as(ctx: RequestContext, model: str | None = None) -> str | None:
@@ -44,7 +64,7 @@ def _request(ctx: RequestContext) -> dict[str, Any]:
         "request_id": ctx.request_id,
         "envoy_request_id": ctx.envoy_request_id,
         "client_request_id": ctx.client_request_id,
-        **_identity(ctx),
+        **identity_fields(ctx.identity)[0],
         "metadata": ctx.metadata,
         "api": ctx.api.name if ctx.api else None,
         "provider": ctx.provider,
