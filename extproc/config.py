@@ -276,12 +276,27 @@ class Config:
         g = self.doc.gateway
         return StreamBound(g.attribution_stream_max_bytes, g.attribution_stream_max_age_seconds)
 
+    @functools.cached_property
+    def _routes(self) -> dict[tuple[str, str], str | None]:
+        return {}
+
     def route(self, model: str, wire: str) -> str | None:
-        """The provider that serves `model` for this wire format, or None."""
+        """The provider that serves `model` for this wire format, or None: the globs are matched
+        once per model name and wire (names come from clients: at most 4,096 are remembered)."""
+        cache = self._routes
+        key = (model, wire)
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        found = None
         for r in self.doc.routes:
             if any(fnmatch.fnmatchcase(model, g) for g in r.models) and wire in self.doc.providers[r.provider].wires:
-                return r.provider
-        return None
+                found = r.provider
+                break
+        if len(cache) < 4096:
+            cache[key] = found
+        return found
 
 
 def load_config(directory: str | os.PathLike[str]) -> Config:

@@ -49,6 +49,11 @@ def _fill_headers(hm: HeaderMutation, set_headers: Mapping[str, str] | None, rem
         hm.remove_headers.extend(remove)
 
 
+def add_headers(hm: HeaderMutation, set_headers: Mapping[str, str]) -> None:
+    """Add headers to a mutation already built (a template's copy)."""
+    _fill_headers(hm, set_headers, ())
+
+
 def header_mutation(set_headers: Mapping[str, str] | None = None, remove: Iterable[str] = ()) -> HeaderMutation:
     hm = HeaderMutation()
     _fill_headers(hm, set_headers, remove)

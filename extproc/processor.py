@@ -202,18 +202,23 @@ class Processor:
         headers = _headers(h)
         ctx.status = int(headers.get(":status", "0") or 0)
         ctx.gateway_error = headers.get(GATEWAY_ERROR_HEADER)
-        add = self._response_headers()
-        remove = [GATEWAY_ERROR_HEADER] if ctx.gateway_error is not None else []
+        same, own = self._response_header_parts()
+        remove = (GATEWAY_ERROR_HEADER,) if ctx.gateway_error is not None else ()
         self.cache.on_response_headers(headers)  # cache
+        mode = None
         if h.end_of_stream:
             await self.settler.finish()
-            return msg.response_headers(add, remove)
-        if headers.get("content-type", "").startswith("text/event-stream"):
+        elif headers.get("content-type", "").startswith("text/event-stream"):
             ctx.streamed = True
             self.settler.meter = SseMeter(ctx, self._live_cap_nusd())
-            return msg.response_headers(add, remove, msg.STREAMED_RESPONSE)
-        self.settler.meter = JsonMeter(ctx)
-        return msg.response_headers(add, remove)
+            mode = msg.STREAMED_RESPONSE
+        else:
+            self.settler.meter = JsonMeter(ctx)
+        # What requests of one identity, model and budget period share comes from a template.
+        pr = _RESPONSE_TEMPLATES.get((mode is None, *same.items(), *remove), None,
+                            lambda: msg.response_headers(same, remove, mode))
+        msg.add_headers(pr.response_headers.response.header_mutation, own)
+        return pr
 
     def _live_cap_nusd(self) -> int | None:
         """What a stream may cost before the live cap stops it: the request's reservation, when an
@@ -225,15 +230,24 @@ class Processor:
 
     def _response_headers(self) -> dict[str, str]:
         """Headers every forwarded response carries: who served it and what budget is left."""
+        same, own = self._response_header_parts()
+        return {**same, **own}
+
+    def _response_header_parts(self) -> tuple[dict[str, str], dict[str, str]]:
+        """`_response_headers` in two parts: what other requests of the same identity, model and
+        budget period carry too, and what is this request's own (its id, the amounts left)."""
         ctx = self.ctx
-        add = {"x-tollgate-request-id": ctx.request_id, CACHE_HEADER: self.cache.status}  # cache: hit|miss|skip|off
+        same = {CACHE_HEADER: self.cache.status}  # cache: hit|miss|skip|off
+        add = {"x-tollgate-request-id": ctx.request_id}
         if ctx.model_served:
-            add["x-tollgate-model-served"] = ctx.model_served
+            same["x-tollgate-model-served"] = ctx.model_served
         adm = ctx.admission
         if adm is not None:
-            add["x-tollgate-decision"] = adm.decision
+            same["x-tollgate-decision"] = adm.decision
             if adm.tightest is not None:  # the enforce budget with the least left, after this reservation
-                add.update(budget_replies.status_headers(adm.tightest))
+                fixed, left = budget_replies.status_header_parts(adm.tightest)
+                same.update(fixed)
+                add.update(left)
             if adm.rate_limits and ctx.api is not None:  # x-ratelimit-* / anthropic-ratelimit-*
                 add.update(ctx.api.rate_limit_headers(adm.rate_limits))
             if adm.decision == "clamped" or (adm.decision == "downgraded" and ctx.req
@@ -243,7 +257,7 @@ class Processor:
                 add["x-tollgate-budget-warning"] = ", ".join(
                     f"{w.name} at {round(100 * (w.spent_nusd + w.reserved_nusd) / max(w.limit_nusd, 1))}%"
                     for w in adm.warnings)
-        return add
+        return same, add
 
     # ---- response body ---------------------------------------------------------------
     async def response_body(self, b: HttpBody) -> ProcessingResponse:
@@ -362,6 +376,7 @@ class Processor:
 
 
 _TEMPLATES = msg.Templates()  # the request body's answers (`Processor.request_body`)
+_RESPONSE_TEMPLATES = msg.Templates()  # the response headers' answers, before each request's own headers
 
 
 def _dumps(body: dict[str, Any]) -> bytes:

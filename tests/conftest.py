@@ -118,7 +118,9 @@ class JsonLog:
         out = []
         if not self.path.exists():
             return out
-        for line in self.path.read_text().splitlines():
+        # The last piece is "" or a line still being written (a sink's buffer flushed part of it
+        # at its turn's end): only lines ended by a newline are whole.
+        for line in self.path.read_text().split("\n")[:-1]:
             if line.startswith("{"):
                 out.append(json.loads(line))
         return out

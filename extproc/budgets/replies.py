@@ -52,15 +52,21 @@ def budget_object(st: BudgetStatus) -> dict[str, Any]:
 
 
 def status_headers(st: BudgetStatus) -> dict[str, str]:
-    h = {
-        "x-tollgate-budget-name": st.name,
-        "x-tollgate-budget-limit-usd": usd(st.limit_nusd),
-        "x-tollgate-budget-spent-usd": usd(st.spent_nusd),
-        "x-tollgate-budget-remaining-usd": usd(st.remaining_nusd),
-    }
+    fixed, left = status_header_parts(st)
+    return {**fixed, **left}
+
+
+def status_header_parts(st: BudgetStatus) -> tuple[dict[str, str], dict[str, str]]:
+    """The budget headers in two parts: the budget and its period's (name, limit, reset), and
+    what this request found left (spent, remaining)."""
+    fixed = {"x-tollgate-budget-name": st.name, "x-tollgate-budget-limit-usd": _usd_cached(st.limit_nusd)}
     if st.resets_at is not None:
-        h["x-tollgate-budget-resets-at"] = iso(st.resets_at) or ""
-    return h
+        fixed["x-tollgate-budget-resets-at"] = iso(st.resets_at) or ""
+    return fixed, {"x-tollgate-budget-spent-usd": usd(st.spent_nusd),
+                   "x-tollgate-budget-remaining-usd": usd(st.remaining_nusd)}
+
+
+_usd_cached = functools.lru_cache(maxsize=256)(usd)  # limits repeat; amounts spent do not
 
 
 def blocked(adm: Admission, model: str, needed_nusd: int | None = None) -> GatewayError:
