@@ -106,9 +106,7 @@ class Processor:
         # identified it, every x-tollgate-* header, Cloudflare Access's identity headers and
         # cookies (Access's CF_Authorization cookie carries the JWT) are removed.
         assert ctx.identity is not None
-        creds = self.rt.auth.headers_to_strip(ctx.identity)
-        remove = [k for k in headers if k.startswith(_STRIPPED_PREFIXES) or k in creds or k == "cookie"
-                  or k in _IDENTITY_LOOKALIKES]
+        remove = _to_remove(tuple(headers), self.rt.auth.headers_to_strip(ctx.identity))
         # Provider-key headers still present: decided once the provider is known (request body).
         self._client_keys = {k: headers[k] for k in ("authorization", "x-api-key") if k in headers and k not in remove}
         return msg.request_headers(remove)
@@ -392,6 +390,22 @@ def _dumps(body: dict[str, Any]) -> bytes:
     except (RecursionError, ValueError, TypeError):
         raise bad_request("The request body is nested too deeply for this gateway to rewrite.",
                           code="invalid_json") from None
+
+
+def _to_remove(names: tuple[str, ...], creds: frozenset[str]) -> tuple[str, ...]:
+    """The request headers that go no further (see `Processor.request_headers`): worked out once
+    per distinct list of header names, since a client sends the same names request after request."""
+    key = (names, creds)
+    hit = _REMOVE.get(key)
+    if hit is None:
+        if len(_REMOVE) >= 4096:
+            _REMOVE.clear()
+        hit = _REMOVE[key] = tuple(k for k in names if k.startswith(_STRIPPED_PREFIXES) or k in creds
+                                   or k == "cookie" or k in _IDENTITY_LOOKALIKES)
+    return hit
+
+
+_REMOVE: dict[tuple[tuple[str, ...], frozenset[str]], tuple[str, ...]] = {}
 
 
 def _headers(h: HttpHeaders) -> dict[str, str]:

@@ -173,9 +173,9 @@ def lease_meta(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: S
     """What a lease keeps so that, if it expires unsettled (its gateway died), the charge of its
     reservation is still rolled up under the request's identity and recorded (see common.lua):
     the same keys and stream bounds its settle would use."""
-    w = usage_write(record, prefix=prefix, bound=bound, rollup=False)
-    return "\n".join([w.usage_key, w.stream_key, str(w.stream_maxlen), str(w.stream_max_age_ms),
-                      usage_tuple(record)]).encode() + b"\n" + w.record_json
+    body = _open_object(record)
+    return (f"{usage_key(prefix, _utc_day(record['ts']))}\n{prefix}{STREAM}\n{bound.maxlen(len(body))}\n"
+            f"{bound.max_age_seconds * 1000}\n{usage_tuple(record)}\n").encode() + body
 
 
 def expired_stream_key(prefix: str = "tollgate:") -> str:

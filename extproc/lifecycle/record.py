@@ -49,6 +49,20 @@ _BY_IDENTITY: dict[int, tuple["Identity", dict[str, Any], dict[str, Any]]] = {}
 _BY_IDENTITY_MAX = 4096
 
 
+def now_ts() -> str:
+    """Now in UTC as the record's `ts`: what `datetime.now(timezone.utc).isoformat(timespec=
+    "milliseconds")` gives, with the date and time up to the second formatted once per second
+    (4.2 us against about 1 on the 2-core VM; two records' worth per request)."""
+    us = (time.time_ns() + 500) // 1000  # to the microsecond, as datetime rounds
+    sec, frac = divmod(us, 1_000_000)
+    if sec != _SECOND[0]:
+        _SECOND[:] = [sec, datetime.fromtimestamp(sec, timezone.utc).isoformat(timespec="seconds")[:-6]]
+    return f"{_SECOND[1]}.{frac // 1000:03d}+00:00"
+
+
+_SECOND: list[Any] = [None, ""]  # [epoch second, its "YYYY-MM-DDTHH:MM:SS"]
+
+
 def _priced_as(ctx: RequestContext, model: str | None = None) -> str | None:
     """The price-table entry the admitted model was priced by (a name, a glob, or "default")."""
     if model is None:
@@ -60,7 +74,7 @@ def _priced_as(ctx: RequestContext, model: str | None = None) -> str | None:
 def _request(ctx: RequestContext) -> dict[str, Any]:
     adm = ctx.admission
     return {
-        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "ts": now_ts(),
         "request_id": ctx.request_id,
         "envoy_request_id": ctx.envoy_request_id,
         "client_request_id": ctx.client_request_id,

@@ -23,7 +23,10 @@ def _tier(v: Any) -> str | None:
     `auto` and anything unknown say nothing."""
     if not isinstance(v, str) or v == "auto" or not v:
         return None
-    return {"default": STANDARD_TIER, "fast": "priority"}.get(v, v)
+    return _TIER_NAMES.get(v, v)
+
+
+_TIER_NAMES = {"default": STANDARD_TIER, "fast": "priority"}
 
 
 def _requested_tier(body: dict[str, Any], bounds: "Bounds") -> str:
