@@ -197,6 +197,7 @@ class ModelPrice(BaseModel):
     _tier: str | None = PrivateAttr(default=None)
     _geo: str | None = PrivateAttr(default=None)
     _priced: bool = PrivateAttr(default=True)
+    _dearest: tuple[Decimal, Decimal] | None = PrivateAttr(default=None)  # worst_case_nusd's rates, once worked out
 
     def rates(self, tier: str | None = None, geo: str | None = None) -> "ModelPrice":
         """These rates in rate tier `tier` (None: the one these already are, the row's own for a
@@ -316,10 +317,14 @@ class ModelPrice(BaseModel):
         tokens fall in (cache writes, audio and image input included), every output token at the
         dearest output rate (audio or image output where the row has one)."""
         p = self.tier(input_tokens)
-        dearest_in = max([p.input, p._cache_write, p._cache_write_long,
-                          *(r for r in (self.audio_input, self.image_input) if r is not None)])
-        dearest_out = max([p.output, *(r for r in (self.audio_output, self.image_output) if r is not None)])
-        return _nusd(input_tokens * dearest_in + output_tokens * dearest_out)
+        dearest = p._dearest if p is self else None
+        if dearest is None:
+            dearest = (max([p.input, p._cache_write, p._cache_write_long,
+                            *(r for r in (self.audio_input, self.image_input) if r is not None)]),
+                       max([p.output, *(r for r in (self.audio_output, self.image_output) if r is not None)]))
+            if p is self:
+                self._dearest = dearest
+        return _nusd(input_tokens * dearest[0] + output_tokens * dearest[1])
 
 
 class LongContextPrice(ModelPrice):
@@ -338,6 +343,9 @@ class LongContextPrice(ModelPrice):
 
 TierPrice.model_rebuild()
 ModelPrice.model_rebuild()
+
+
+_ZERO = Decimal(0)
 
 
 def _nusd(usd_m: Decimal) -> int:
@@ -363,6 +371,8 @@ class PriceTable:
 
     def _tools_usd_m(self, calls: Mapping[str, int]) -> Decimal:
         """Per-call fees in the unit token costs are summed in (USD x 10^6 per million tokens)."""
+        if not calls:
+            return _ZERO
         return sum((n * self.tools.get(kind, Decimal(0)) * 1_000_000 for kind, n in calls.items()), Decimal(0))
 
     def tool_fees_nusd(self, calls: Mapping[str, int]) -> int:
