@@ -59,3 +59,42 @@ def test_response_answers() -> None:
     assert cut.response_body.response.body_mutation.clear_body
     tail = msg.response_body(body=b"data: x\n\n", meta={"status": 200})
     assert tail.response_body.response.body_mutation.body == b"data: x\n\n" and _meta(tail) == {"status": 200.0}
+
+
+def test_templates_copy_and_never_share_an_answer() -> None:
+    built = []
+
+    def build() -> "msg.ProcessingResponse":
+        built.append(1)
+        return msg.request_body({"x-tollgate-upstream": "fake"}, ["x-api-key"], clear_route_cache=True,
+                                meta={"user": "u1"})
+
+    t = msg.Templates(max_entries=2)
+    owner = object()
+    a = t.get(("k",), owner, build)
+    msg.set_meta_strings(a, {"request_id": "r1", "client_request_id": None})
+    msg.add_headers(a.request_body.response.header_mutation, {"x-extra": "1"})
+    b = t.get(("k",), owner, build)
+    assert len(built) == 1  # built once, copied twice
+    assert _meta(a) == {"user": "u1", "request_id": "r1"} and _meta(b) == {"user": "u1"}
+    assert [h.header.key for h in b.request_body.response.header_mutation.set_headers] == ["x-tollgate-upstream"]
+    assert b == build() and b.request_body.response.clear_route_cache
+    # An entry is only ever given to the owner it was built for (a key holding a recycled id is rebuilt).
+    t.get(("k",), object(), build)
+    assert len(built) == 3
+    for i in range(3):  # past max_entries: starts over instead of growing
+        t.get((i,), owner, build)
+    assert len(t._entries) <= 2
+
+
+def test_record_ts_is_isoformat_in_milliseconds() -> None:
+    import re
+    from datetime import datetime, timezone
+
+    from extproc.lifecycle.record import now_ts
+
+    before = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    ts = now_ts()
+    after = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", ts)
+    assert before <= ts <= after
