@@ -57,13 +57,12 @@ def status_headers(st: BudgetStatus) -> dict[str, str]:
 
 
 def status_header_parts(st: BudgetStatus) -> tuple[dict[str, str], dict[str, str]]:
-    """The budget headers in two parts: the budget and its period's (name, limit, reset), and
-    what this request found left (spent, remaining)."""
-    fixed = {"x-tollgate-budget-name": st.name, "x-tollgate-budget-limit-usd": _usd_cached(st.limit_nusd)}
+    """The budget headers in two parts: the budget's own (name, limit), and what this request
+    found (spent, remaining, and the reset: a rolling window's moves with every request)."""
+    left = {"x-tollgate-budget-spent-usd": usd(st.spent_nusd), "x-tollgate-budget-remaining-usd": usd(st.remaining_nusd)}
     if st.resets_at is not None:
-        fixed["x-tollgate-budget-resets-at"] = iso(st.resets_at) or ""
-    return fixed, {"x-tollgate-budget-spent-usd": usd(st.spent_nusd),
-                   "x-tollgate-budget-remaining-usd": usd(st.remaining_nusd)}
+        left["x-tollgate-budget-resets-at"] = iso(st.resets_at) or ""
+    return {"x-tollgate-budget-name": st.name, "x-tollgate-budget-limit-usd": _usd_cached(st.limit_nusd)}, left
 
 
 _usd_cached = functools.lru_cache(maxsize=256)(usd)  # limits repeat; amounts spent do not
