@@ -40,6 +40,7 @@ TOKEN_KINDS = (("input", "input_tokens"), ("cached_input", "cached_input_tokens"
                ("cache_write_long", "cache_write_long_tokens"), ("output", "output_tokens"))
 
 UNKNOWN = "unknown"
+_SHAPES_MAX = 4096
 NO_TEAM = "none"
 
 
@@ -138,6 +139,7 @@ class Metrics:
         self._c_spend: dict[tuple[str, ...], Any] = {}
         self._c_tokens: dict[tuple[str, ...], Any] = {}
         self._c_incomplete: dict[str, Any] = {}
+        self._c_shape: dict[tuple[Any, ...], tuple[Any, tuple[str, ...], str, str]] = {}  # see `_shape`
         self._c_redis: dict[str, Any] = {}
         self._c_util: dict[str, Any] = {}
         self._c_lifecycle: dict[str, Any] = {}
@@ -146,30 +148,33 @@ class Metrics:
     def observe(self, record: Mapping[str, Any]) -> None:
         """Account one attribution record (as built by `Processor._record`)."""
         get = record.get
-        provider = _label(get("provider"))
+        raw = (get("decision"), get("api"), get("provider"), get("status"), get("priced_as"), get("team"),
+               get("user") if self.per_user else None)
+        try:
+            shape = self._c_shape.get(raw)
+        except TypeError:  # a label value that is not hashable: worked out without the cache
+            shape, raw = None, None
+        if shape is None:
+            shape = self._shape(record)
+            if raw is not None:
+                if len(self._c_shape) >= _SHAPES_MAX:
+                    self._c_shape.clear()  # many distinct label sets: start over rather than grow
+                self._c_shape[raw] = shape
+        requests, skey, model, provider = shape
+        requests.inc()
 
-        key = (_label(get("decision")), _label(get("api")), provider, _status_class(get("status")))
-        child = self._c_requests.get(key)
-        if child is None:
-            child = self._c_requests[key] = self._requests.labels(*key)
-        child.inc()
-
-        # The price-table entry, not the served name: a glob prices any name a client sends, and
-        # each would be a new series (50 names: +150 series before this).
-        model = _label(get("priced_as"))
-
-        cost = _num(get("cost_nusd"))
+        cost = get("cost_nusd")
+        cost = cost if type(cost) is int else _num(cost)
         if cost > 0:
-            skey: tuple[str, ...] = (_label(get("team"), NO_TEAM), model, provider)
-            if self.per_user:
-                skey += (_label(get("user"), NO_TEAM),)
             child = self._c_spend.get(skey)
             if child is None:
                 child = self._c_spend[skey] = self._spend.labels(*skey)
             child.inc(cost / NANO_PER_USD)
 
         for kind, field in TOKEN_KINDS:
-            n = _num(get(field))
+            n = get(field)
+            if type(n) is not int:
+                n = _num(n)
             if n > 0:
                 tkey = (kind, model, provider)
                 child = self._c_tokens.get(tkey)
@@ -204,6 +209,25 @@ class Metrics:
                 if child is None:
                     child = self._c_cache[ckey] = self._cache_avoided.labels(*ckey[1:])
                 child.inc(avoided / NANO_PER_USD)
+
+    def _shape(self, record: Mapping[str, Any]) -> tuple[Any, tuple[str, ...], str, str]:
+        """What records of one decision, API, provider, status, price entry and team share: the
+        requests counter's child, the spend labels, the model and provider labels. Kept per
+        distinct set of those record values (`_c_shape`): label cleaning and the lookups were
+        about half of `observe`."""
+        get = record.get
+        provider = _label(get("provider"))
+        key = (_label(get("decision")), _label(get("api")), provider, _status_class(get("status")))
+        child = self._c_requests.get(key)
+        if child is None:
+            child = self._c_requests[key] = self._requests.labels(*key)
+        # The price-table entry, not the served name: a glob prices any name a client sends, and
+        # each would be a new series (50 names: +150 series before this).
+        model = _label(get("priced_as"))
+        skey: tuple[str, ...] = (_label(get("team"), NO_TEAM), model, provider)
+        if self.per_user:
+            skey += (_label(get("user"), NO_TEAM),)
+        return child, skey, model, provider
 
     def phase_latency(self, phase: str, seconds: float) -> None:
         self._phase.observe((phase or UNKNOWN,), seconds)

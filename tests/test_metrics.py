@@ -196,6 +196,32 @@ def test_label_children_are_cached():
     assert samples(fams, "tollgate_requests", "tollgate_requests_total")[0].value == 101
 
 
+def test_label_sets_cached_per_record_values_count_like_uncached_ones():
+    """`observe` keeps what records of one decision, API, provider, status, entry and team share;
+    values that hash alike but label differently (200 and "200" do not; 200 and 200.0 do), a
+    label value that cannot be hashed, and a per-user spend series all count as a fresh
+    Metrics would count them."""
+    odd = [rec(status=200), rec(status="200"), rec(status=200.0), rec(status=True), rec(team=["x", "y"], cost_nusd=5),
+           rec(team="", cost_nusd=7), rec(team=None, cost_nusd=11), rec(user="zed", cost_nusd=13)]
+    for per_user in (False, True):
+        m = Metrics(per_user=per_user)
+        for r in odd + odd:
+            m.observe(r)
+        fresh = defaultdict(float)
+        for r in odd + odd:
+            f = Metrics(per_user=per_user)
+            f.observe(r)
+            for fam in families(f.render()).values():
+                for smp in fam.samples:
+                    if smp.name.endswith("_total"):
+                        fresh[(smp.name, tuple(sorted(smp.labels.items())))] += smp.value
+        got = {(smp.name, tuple(sorted(smp.labels.items()))): smp.value for fam in families(m.render()).values()
+               for smp in fam.samples if smp.name.endswith("_total")}
+        assert got == pytest.approx(dict(fresh))
+        classes = {dict(k[1])["status_class"]: v for k, v in got.items() if k[0] == "tollgate_requests_total"}
+        assert classes == {"2xx": 14, "none": 2}
+
+
 def test_glob_priced_model_names_add_no_series():
     """50 client-chosen names that one glob prices: one set of series, labelled with the glob
     (before: each name added its own, +150 series for 50 names)."""
