@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest, ProcessingResponse
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .processor import Processor
@@ -68,12 +68,31 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
                 if self._on_phase is not None:
                     self._on_phase(phase or "", time.perf_counter() - started)
                 await write(resp)
+                if _last(req, resp):
+                    # End the stream from this side (the handler's return sends its OK status)
+                    # instead of reading on until Envoy resets it: measured, the reset left about
+                    # 120 bytes of grpc.aio's native memory behind per stream (grpc/grpc#43360:
+                    # a batch whose awaiter is cancelled, or a status sent on a cancelled call,
+                    # never frees its op array). The no-op floor's RSS grew 12.6 MB over 107,000
+                    # streams that way, 2.2 MB over 112,000 this way; Tollgate's 11.7% against 3.5%.
+                    return
         finally:
             if proc is not None:
                 try:
                     await proc.close()
                 except Exception:
                     log.exception("closing request %s failed", proc.request_id)
+
+
+def _last(req: ProcessingRequest, resp: ProcessingResponse) -> bool:
+    """Whether Envoy sends this stream nothing more once `resp` is written: the response body's
+    last chunk, response headers of a response without a body, or an ImmediateResponse (trailers
+    are never requested: envoy/tollgate.yaml's processing modes)."""
+    if resp.HasField("immediate_response"):
+        return True
+    if req.HasField("response_body"):
+        return req.response_body.end_of_stream
+    return req.HasField("response_headers") and req.response_headers.end_of_stream
 
 
 def _new_server() -> grpc.aio.Server:
