@@ -346,6 +346,21 @@ def cpu_by_role(t: Target) -> dict[str, float]:
     return {role: sum(cpu_seconds(p.pid) for p in ps) for role, ps in t.roles.items()}
 
 
+def main_thread_seconds(t: Target) -> float:
+    """CPU of the ext_procs' main threads alone (the thread whose id is the process's): the event
+    loop, with all of Tollgate's Python and grpc.aio's Cython around it. The rest of an ext_proc's
+    CPU is grpc core's own threads (its poller, the EventEngine's workers)."""
+    total = 0.0
+    for p in t.roles.get("extproc", []):
+        try:
+            with open(f"/proc/{p.pid}/task/{p.pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def other_cpu_sample(ours: set[int]) -> dict[tuple[int, int], int]:
     """CPU ticks so far of every process on the machine that is not ours, keyed by (pid, start
     time). The difference of two samples is a noise gauge: other jobs on a shared 2-core machine
@@ -823,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
                         memory[t.name].append(mem_sample(t, f"after warm-up {key}"))
                 others = set(all_procs) - {p.pid for p in t.procs}
                 cpu_a, idle_a = cpu_by_role(t), sum(cpu_seconds(pid) for pid in others)
+                main_a = main_thread_seconds(t)
                 other_a, steal_a, wall_a = other_cpu_sample(ours), steal_ticks(), time.monotonic()
                 r = wrk.run(t.url, conns, args.duration, t.script)
                 wall = time.monotonic() - wall_a
@@ -832,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_b = cpu_by_role(t)
                 r["cpu_us_per_req"] = {role: round((cpu_b[role] - cpu_a[role]) / max(1, r["requests"]) * 1e6, 1)
                                        for role in cpu_b}
+                if "extproc" in cpu_b:
+                    r["extproc_main_thread_us_per_req"] = round(
+                        (main_thread_seconds(t) - main_a) / max(1, r["requests"]) * 1e6, 1)
                 t.wrk_requests += r["requests"]
                 t.cut_off += conns
                 wrk_results[key] = r
@@ -1060,7 +1079,8 @@ def print_report(results: dict[str, Any]) -> None:
     conns = max((int(k.partition("@")[2]) for k in w), default=None)
     if conns is not None:
         t = Table(title=f"CPU microseconds per request at {conns} conns, per process")
-        for col in ("target", "ext_proc", "Envoy", "Redis", "fake provider", "all", "ext_proc x floor"):
+        for col in ("target", "ext_proc", "of which main thread", "Envoy", "Redis", "fake provider", "all",
+                    "ext_proc x floor"):
             t.add_column(col, justify="left" if col == "target" else "right")
         floor_cpu = (w.get(f"floor@{conns}", {}).get("cpu_us_per_req") or {}).get("extproc")
         for key in keys:
@@ -1068,7 +1088,8 @@ def print_report(results: dict[str, Any]) -> None:
             if int(c) != conns:
                 continue
             cpu = w[key]["cpu_us_per_req"]
-            t.add_row(target, *(f(cpu.get(role), "{:,.0f}") for role in ("extproc", "envoy", "redis", "fake")),
+            t.add_row(target, f(cpu.get("extproc"), "{:,.0f}"), f(w[key].get("extproc_main_thread_us_per_req"), "{:,.0f}"),
+                      *(f(cpu.get(role), "{:,.0f}") for role in ("envoy", "redis", "fake")),
                       f"{sum(cpu.values()):,.0f}",
                       f(ratio(cpu.get("extproc"), floor_cpu), "{:.2f}") if target != "floor" else "")
         con.print(t)

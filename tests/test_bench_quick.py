@@ -60,6 +60,10 @@ def test_bench_quick(tmp_path: Path) -> None:
                 assert cpu["envoy"] > 0, (target, c, cpu)
             if target not in ("direct", "plain"):
                 assert cpu["extproc"] > 0, (target, c, cpu)
+                # the main thread's share: part of the ext_procs' CPU, never all of it (grpc's own threads work too)
+                assert 0 < w["extproc_main_thread_us_per_req"] < cpu["extproc"], (target, c, w)
+            else:
+                assert "extproc_main_thread_us_per_req" not in w
             if target in ("floorredis", "tollgate", "heavy", "workers2"):
                 assert cpu["redis"] > 0, (target, c, cpu)
         if target != "direct" and target != "plain":
