@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import uuid
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aredis
 
@@ -106,6 +108,17 @@ def stack(policy_dir: Path, idp: TestIdP, tmp_path_factory: pytest.TempPathFacto
     """The stack shared by the end-to-end tests."""
     with running_stack(policy_dir, idp, tmp_path_factory.mktemp("stack")) as s:
         yield s
+
+
+def envoy_extproc_stats(stack: Stack) -> dict[str, int]:
+    """Envoy's counters and gauges for the ext_proc cluster and filter (admin /stats)."""
+    text = httpx.get(f"http://127.0.0.1:{stack.ports.admin}/stats", timeout=5).text
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if re.search(r"^cluster\.tollgate_extproc\.|^http\.tollgate\.ext_proc\.", name) and value.strip().isdigit():
+            out[name] = int(value)
+    return out
 
 
 class JsonLog:

@@ -21,7 +21,6 @@ check looks at every counter in Redis. The load is bounded in time and stays on 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import struct
 import threading
@@ -33,7 +32,7 @@ import pytest
 
 from extproc.stack import Stack
 from tests.accounting import Counter, assert_books_balance
-from tests.conftest import running_stack
+from tests.conftest import envoy_extproc_stats, running_stack
 
 CHAT = "/v1/chat/completions"
 STORM_KEY = "key-ic"  # ic@example.com: the engineer-monthly budget, so its requests reserve leases
@@ -166,17 +165,6 @@ class Victims:
         return out
 
 
-def envoy_stats(stack: Stack) -> dict[str, int]:
-    """Envoy's counters and gauges for the ext_proc cluster and filter (admin /stats)."""
-    text = httpx.get(f"http://127.0.0.1:{stack.ports.admin}/stats", timeout=5).text
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if re.search(r"^cluster\.tollgate_extproc\.|^http\.tollgate\.ext_proc\.", name) and value.strip().isdigit():
-            out[name] = int(value)
-    return out
-
-
 WATCHED = ("upstream_cx_destroy", "upstream_cx_destroy_with_active_rq", "upstream_cx_destroy_local_with_active_rq",
            "upstream_cx_destroy_remote_with_active_rq", "http2.outbound_flood", "http2.outbound_control_flood",
            "http2.rx_reset", "http2.tx_reset", "upstream_cx_total", "upstream_rq_pending_overflow",
@@ -188,7 +176,7 @@ def test_disconnect_storm_from_one_key_leaves_other_identities_served(storm_stac
     victims = Victims(s)
     r = httpx.post(s.base_url + CHAT, content=_body("warm"), headers=victims.headers, timeout=10)
     assert r.status_code == 200, r.text  # Envoy's connections to the ext_proc are up
-    before = envoy_stats(s)
+    before = envoy_extproc_stats(s)
 
     storm = Storm(s.ports.listen)
     t0 = time.monotonic()
@@ -203,7 +191,7 @@ def test_disconnect_storm_from_one_key_leaves_other_identities_served(storm_stac
         t.join(35)
     victims.streamer.join(35)
     took = time.monotonic() - t0
-    after = envoy_stats(s)
+    after = envoy_extproc_stats(s)
     d = {k.removeprefix("cluster.tollgate_extproc."): after.get(k, 0) - before.get(k, 0)
          for k in after if k.removeprefix("cluster.tollgate_extproc.") in WATCHED}
     deltas, events = victims.stream_events()

@@ -9,24 +9,12 @@ settled and recorded, and every stream carried the ext_proc's OK status with non
 
 from __future__ import annotations
 
-import re
-
 import httpx
 
-from tests.conftest import JsonLog
+from tests.conftest import JsonLog, envoy_extproc_stats
 
 CHAT = "/v1/chat/completions"
 KEY = {"authorization": "Bearer demo"}
-
-
-def _stats(admin: int) -> dict[str, int]:
-    text = httpx.get(f"http://127.0.0.1:{admin}/stats", timeout=5).text
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if re.search(r"^cluster\.tollgate_extproc\.|^http\.tollgate\.ext_proc\.", name) and value.strip().isdigit():
-            out[name] = int(value)
-    return out
 
 
 def _delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
@@ -35,7 +23,7 @@ def _delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
 
 def test_requests_end_as_before_when_the_ext_proc_ends_its_streams(stack, attribution: JsonLog):
     base = stack.base_url
-    before = _stats(stack.ports.admin)
+    before = envoy_extproc_stats(stack)
     ids = []
     with httpx.Client(timeout=30) as c:
         for i in range(3):  # JSON answers
@@ -61,7 +49,7 @@ def test_requests_end_as_before_when_the_ext_proc_ends_its_streams(stack, attrib
     for rid in ids:  # each was settled and recorded as usual
         rec = attribution.get(rid)
         assert rec["end"] == "completed" and rec["cost_nusd"] > 0, rec
-    after = _stats(stack.ports.admin)
+    after = envoy_extproc_stats(stack)
     started = _delta(before, after, "http.tollgate.ext_proc.streams_started")
     assert started >= 8, (before, after)
     changed = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
