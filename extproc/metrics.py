@@ -40,8 +40,8 @@ TOKEN_KINDS = (("input", "input_tokens"), ("cached_input", "cached_input_tokens"
                ("cache_write_long", "cache_write_long_tokens"), ("output", "output_tokens"))
 
 UNKNOWN = "unknown"
-_SHAPES_MAX = 4096
 NO_TEAM = "none"
+_SHAPES_MAX = 4096  # distinct label sets `observe` keeps (`_c_shape`)
 
 
 def _label(v: Any, default: str = UNKNOWN) -> str:

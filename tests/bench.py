@@ -335,9 +335,9 @@ def mem_sample(t: Target, at: str) -> dict[str, Any]:
             "VmHWM": sum(m["VmHWM"] for m in per), "per_process": per}
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (or of its thread `tid`), in seconds."""
+    with open(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -353,11 +353,9 @@ def main_thread_seconds(t: Target) -> float:
     total = 0.0
     for p in t.roles.get("extproc", []):
         try:
-            with open(f"/proc/{p.pid}/task/{p.pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
+            total += cpu_seconds(p.pid, p.pid)
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 
