@@ -2,7 +2,7 @@
 against "the floor" measured in the same run.
 
     python -m tests.bench [--duration 5] [--warmup 1] [--conns 32,8,1] [--streams 30]
-                          [--targets direct,plain,floor,floorredis,tollgate,heavy,workers2,cachehit]
+                          [--targets direct,plain,floor,floorredis,floormeter,tollgate,heavy,workers2,cachehit]
                           [--long [--long-requests 100000] [--long-targets tollgate]] [--quick]
                           [--json .run/bench.json]
 
@@ -24,6 +24,12 @@ next run stop what a SIGKILLed one left):
   Tollgate's own budget store and script pipe with inputs built once, on a Redis of its own
   (tests/bench_floor.py `--redis-url`). The best any Python ext_proc holding Tollgate's Redis
   protocol could do here: Tollgate minus this is the rest of Tollgate's Python.
+* `floormeter`: floorredis plus the least any gateway that meters in dollars does per request
+  (tests/bench_floor.py `--meter`: the key's hash looked up, both bodies parsed and priced,
+  answers with header mutations and metadata, a short record to a file and into the settle's
+  rollup, two counters), on a Redis of its own. What Tollgate could reach here if all its other
+  features (policy matching, windows, downgrades, access rules, rate limits, cache, the full
+  record, histograms) cost nothing: Tollgate minus this is what they cost.
 * `tollgate`: the Tollgate stack (`extproc.stack.Stack`) with `policies/`: API key identity,
   two matching budgets (one shadow), attribution on. Own Redis, fake provider, ext_proc, Envoy.
 * `heavy`: a second stack with a heavier policy: `policies/` plus tests/bench_policies/heavy/
@@ -119,7 +125,7 @@ HEAVY_POLICIES = REPO / "tests" / "bench_policies" / "heavy"
 JWT_ISSUER = "https://idp.bench.tollgate.test"  # tests/bench_policies/heavy/bench-identity.yaml
 JWT_AUDIENCE = "tollgate-bench"
 JWT_HEADER = "cf-access-jwt-assertion"
-ALL_TARGETS = ("direct", "plain", "floor", "floorredis", "tollgate", "heavy", "workers2", "cachehit")
+ALL_TARGETS = ("direct", "plain", "floor", "floorredis", "floormeter", "tollgate", "heavy", "workers2", "cachehit")
 CACHE_KEY = "cache-demo"  # policies/identity.yaml; policies/cache.yaml caches its answers
 STREAM_TARGETS = ("direct", "plain", "floor", "tollgate", "heavy", "cachehit")
 LONG_CONNS = 32
@@ -639,15 +645,15 @@ def check_target(t: Target, stats0: dict[str, int], stats1: dict[str, int], prob
 
 
 def floorredis_check(t: Target, problems: list[str], timeout: float = 10.0) -> dict[str, int]:
-    """floorredis did its Redis work: one settle rolled up per request Envoy sent it, no lease left."""
+    """floorredis (or floormeter) did its Redis work: one settle rolled up per request Envoy sent
+    it, no lease left."""
     import redis as sync_redis
-
-    from tests.bench_floor import USAGE_KEY
 
     r = sync_redis.Redis(port=t.roles["redis"][0].ports[0])
     deadline = time.monotonic() + timeout
     while True:  # the last settles finish after their responses
-        rolled = sum(int(v) for k, v in r.hgetall(USAGE_KEY).items() if k.startswith(b"requests|"))
+        rolled = sum(int(v) for key in r.scan_iter(match="floor:usage:*")  # a day's rollup (floormeter's: today's)
+                     for k, v in r.hgetall(key).items() if k.startswith(b"requests|"))
         leases = sum(r.zcard(k) for k in r.scan_iter(match="floor:b:*:leases"))
         if (rolled > t.wrk_requests and not leases) or time.monotonic() > deadline:
             break
@@ -655,7 +661,7 @@ def floorredis_check(t: Target, problems: list[str], timeout: float = 10.0) -> d
     r.close()
     expected = t.wrk_requests + 1  # + the probe; wrk does not count the ones it cut off, which may have settled
     if not 0 <= rolled - expected <= t.cut_off + 4 or leases:
-        problems.append(f"floorredis: {rolled} settles rolled up for {expected} requests, {leases} leases left")
+        problems.append(f"{t.name}: {rolled} settles rolled up for {expected} requests, {leases} leases left")
     return {"settles_rolled_up": rolled, "leases_left": leases}
 
 
@@ -719,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wrk = Wrk(wrk_bin)
     stacks: list[Stack] = []
-    extra: list[Proc] = []  # plain, floor, floorredis: Envoys, the no-op ext_procs, floorredis's Redis
+    extra: list[Proc] = []  # plain and the floors: Envoys, the no-op ext_procs, the floors' Redis
     extra_pids = PidFile(run_dir / "pids")
     targets: dict[str, Target] = {}
     results: dict[str, Any] = {
@@ -775,13 +781,20 @@ def main(argv: list[str] | None = None) -> int:
         if "floor" in names:
             log("starting the floor (no-op ext_proc, Envoy with Tollgate's ext_proc filter) ...")
             start_floor("floor", [], {})
-        if "floorredis" in names:
-            log("starting the floor with Redis (the no-op plus Tollgate's two budget scripts, its own Redis) ...")
-            redis = redis_proc(free_port(), run_dir / "floorredis-redis").start()
+        def start_redis_floor(name: str, extproc_args: list[str]) -> None:
+            """A floor with a Redis of its own for the budget scripts."""
+            redis = redis_proc(free_port(), run_dir / f"{name}-redis").start()
             extra.append(redis)
             extra_pids.write(extra)
             redis.wait_ready()
-            start_floor("floorredis", ["--redis-url", f"redis://127.0.0.1:{redis.ports[0]}/0"], {"redis": [redis]})
+            start_floor(name, ["--redis-url", f"redis://127.0.0.1:{redis.ports[0]}/0", *extproc_args], {"redis": [redis]})
+
+        if "floorredis" in names:
+            log("starting the floor with Redis (the no-op plus Tollgate's two budget scripts, its own Redis) ...")
+            start_redis_floor("floorredis", [])
+        if "floormeter" in names:
+            log("starting the metering floor (floorredis plus the least of metering, its own Redis) ...")
+            start_redis_floor("floormeter", ["--meter", str(run_dir / "floormeter-records.jsonl")])
         if "tollgate" in names:
             targets["tollgate"] = tollgate
         if "heavy" in names:
@@ -890,8 +903,9 @@ def main(argv: list[str] | None = None) -> int:
         for t in order:
             if t.admin is not None and "extproc" in t.roles:
                 checks[t.name] = check_target(t, stats0[t.name], envoy_stats(t.admin), problems)
-        if "floorredis" in targets:
-            checks["floorredis"]["redis"] = floorredis_check(targets["floorredis"], problems)
+        for name in ("floorredis", "floormeter"):
+            if name in targets:
+                checks[name]["redis"] = floorredis_check(targets[name], problems)
         results["checks"] = checks
         results["leases_left"] = {t.name: leases_left(t) for t in order if t.gateway}
         results["probe_after"] = {t.name: probe(t) for t in order if t.gateway}

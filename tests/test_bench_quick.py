@@ -64,7 +64,7 @@ def test_bench_quick(tmp_path: Path) -> None:
                 assert 0 < w["extproc_main_thread_us_per_req"] < cpu["extproc"], (target, c, w)
             else:
                 assert "extproc_main_thread_us_per_req" not in w
-            if target in ("floorredis", "tollgate", "heavy", "workers2"):
+            if target in ("floorredis", "floormeter", "tollgate", "heavy", "workers2"):
                 assert cpu["redis"] > 0, (target, c, cpu)
         if target != "direct" and target != "plain":
             assert r["ratios"][target]["32"]["vs_plain"]["rps"] > 0
@@ -85,8 +85,9 @@ def test_bench_quick(tmp_path: Path) -> None:
     hits = r["checks"]["cachehit"]["attribution"]  # cache: every request after the first probe was a hit
     assert 1 <= hits["cache"].get("miss", 0) <= 2 and hits["cache"]["hit"] > 0 and set(hits["cache"]) == {"hit", "miss"}, hits
     assert r["leases_left"]["cachehit"] == [], r["leases_left"]
-    fr = r["checks"]["floorredis"]  # its reserve and settle ran for (nearly) every request
-    assert fr["redis"]["leases_left"] == 0 and fr["redis"]["settles_rolled_up"] > fr["wrk_requests"]
+    for name in ("floorredis", "floormeter"):  # their reserve and settle ran for (nearly) every request
+        fr = r["checks"][name]
+        assert fr["redis"]["leases_left"] == 0 and fr["redis"]["settles_rolled_up"] > fr["wrk_requests"], (name, fr)
     floor = r["checks"]["floor"]["envoy_stats_delta"]
     assert floor["http.tollgate.ext_proc.streams_started"] >= r["checks"]["floor"]["wrk_requests"]
 
