@@ -59,7 +59,8 @@ class Gateway:
         self.state_dir = state_dir  # `serve --state-dir`: the admin API writes its access log there
         self.xds_dir = xds_dir  # `serve --xds-dir`: Envoy's provider clusters and routes, rewritten on reload
         self.concurrency = ConcurrencyCap()  # in-flight requests per identity
-        # The budget scripts' own connection (extproc/budgets/pipe.py); everything else uses `redis`.
+        # The budget scripts' and the response cache's connection (extproc/budgets/pipe.py); everything
+        # else uses `redis`.
         self.pipe = ScriptPipe.for_client(redis) if redis is not None else None
         self.runtime = Runtime.build(config, redis=redis, outbox=outbox, metrics=self.metrics, auth=auth,
                                      pipe=self.pipe)

@@ -61,7 +61,7 @@ class Processor:
         self.settler = Settler(gw, self.ctx, rt.budgets)
         self._client_keys: dict[str, str] = {}  # provider-key headers the client sent that are not its credential
         self._slot: Slot | None = None  # this request's place under its identity's concurrency cap
-        self.cache = CacheFlow(gw.redis, gw.metrics)  # cache: this request's use of the response cache
+        self.cache = CacheFlow(gw.pipe or gw.redis, gw.metrics)  # cache: this request's use of the response cache
 
     @property
     def request_id(self) -> str:

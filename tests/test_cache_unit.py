@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aredis
 
+from extproc.budgets.pipe import ScriptPipe
 from extproc.cache import key as cache_key
 from extproc.cache import store
 from extproc.cache.flow import CacheFlow, select
@@ -186,23 +187,55 @@ def test_entry_round_trip_and_garbage():
         assert store.Entry.decode(raw) is None
 
 
-def test_put_writes_once(redis_url):
+@pytest.mark.parametrize("client", ["pipe", "redis-py"])
+def test_put_writes_once(redis_url, client):
+    """Through the gateway's script pipe (its hot-path connection) and through redis-py (a Redis
+    the pipe cannot reach) alike."""
     async def go():
         r = aredis.Redis.from_url(redis_url)
+        c = ScriptPipe.for_client(r) if client == "pipe" else r
+        assert c is not None
         try:
-            key = store.redis_key("tollgate:test:", "team=t", "d" * 64)
+            key = store.redis_key("tollgate:test:", f"team={client}", "d" * 64)
             await r.delete(key)
+            assert await store.get(c, key) is None
             first, second = _entry(request_id="first"), _entry(request_id="second")
-            results = await asyncio.gather(store.put(r, key, first, 60), store.put(r, key, second, 60))
+            results = await asyncio.gather(store.put(c, key, first, 60), store.put(c, key, second, 60))
             assert sorted(results) == [False, True]
-            got = await store.get(r, key)
+            got = await store.get(c, key)
             assert got in (first, second)
             assert 0 < await r.pttl(key) <= 60_000
             await r.set(key, b"garbage")
-            assert await store.get(r, key) is None
+            assert await store.get(c, key) is None
             await r.delete(key)
         finally:
+            if isinstance(c, ScriptPipe):
+                await c.close()
             await r.aclose()
+
+    asyncio.run(go())
+
+
+def test_pipe_command_errors_are_redis_py_ones(redis_url):
+    """The pipe's plain commands fail as redis-py's would, so the cache's error handling (a miss,
+    a dropped write) reads them the same."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import ResponseError
+
+    async def go():
+        r = aredis.Redis.from_url(redis_url)
+        pipe = ScriptPipe.for_client(r)
+        assert pipe is not None
+        try:
+            await r.set("tollgate:test:not-a-hash", b"x")
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await pipe.command("HGET", "tollgate:test:not-a-hash", "f")
+            assert await pipe.command("GET", "tollgate:test:not-a-hash") == b"x"  # the connection survived
+        finally:
+            await pipe.close()
+            await r.aclose()
+        with pytest.raises(RedisConnectionError):
+            await pipe.command("GET", "tollgate:test:not-a-hash")  # closed: refused, not hung
 
     asyncio.run(go())
 

@@ -1,4 +1,5 @@
-"""One pipelined Redis connection for the budget scripts: the hot path's only Redis client.
+"""One pipelined Redis connection for the budget scripts and the response cache's reads and
+writes: the hot path's only Redis client.
 
 Every forwarded request runs two scripts (reserve, then settle). Through redis-py each call took
 a connection from the pool, packed its arguments through the generic encoder, ran a retry
@@ -226,6 +227,21 @@ class ScriptPipe:
                 reply = await self._call(pack(("EVAL", script, *tail)))
                 if not isinstance(reply, hiredis.ReplyError):
                     return reply
+            raise ResponseError(str(reply))
+        return reply
+
+    async def command(self, *args: Any, retry: bool = True) -> Any:
+        """Any other command on the same connection (the response cache's GET and SET): its reply,
+        redis-py's exceptions. `retry` as for scripts, once on a fresh connection; off for a
+        command whose second run would answer differently (SET NX)."""
+        command = pack(args)
+        try:
+            reply = await self._call(command)
+        except RedisConnectionError:
+            if not retry:
+                raise
+            reply = await self._call(command)
+        if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))
         return reply
 

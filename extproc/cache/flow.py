@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aredis
     from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingResponse
 
+    from ..budgets.pipe import ScriptPipe
     from ..lifecycle.context import RequestContext
     from ..lifecycle.settler import Settler
     from ..metrics import Metrics
@@ -92,8 +93,8 @@ class CacheFlow:
         "status",
     )
 
-    def __init__(self, redis: aredis.Redis | None, metrics: Metrics) -> None:
-        self.redis = redis
+    def __init__(self, redis: "aredis.Redis | ScriptPipe | None", metrics: Metrics) -> None:
+        self.redis = redis  # the gateway's script pipe when it has one (extproc/cache/store.py)
         self.metrics = metrics
         self.status = "off"
         self.reason: str | None = None  # why `skip`
@@ -189,7 +190,7 @@ class CacheFlow:
         ctx.streamed, ctx.status = entry.stream, entry.status
         ctx.model_served = entry.model or ctx.model_served
         assert self.rule is not None
-        record = await settler.cached({
+        record = settler.cached({
             "cache_rule": self.rule.name, "cached_from": entry.request_id,
             "cache_age_seconds": round(max(0.0, time.time() - entry.created), 3),
             "avoided_cost_usd": entry.cost_nusd / NANO_PER_USD, "avoided_cost_nusd": entry.cost_nusd,

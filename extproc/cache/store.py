@@ -14,6 +14,11 @@ An entry is written with `SET ... NX PX` after the response has ended complete a
 settled: never a partial entry, and of two identical misses running at once the first complete
 answer wins; the other's write is a no-op (`exists`). An entry that cannot be read back (another
 format version, garbage) is a miss, and is overwritten only when it expires.
+
+Reads and writes go through the gateway's script pipe (extproc/budgets/pipe.py, the hot path's one
+connection) when it has one, else through redis-py's client (a Redis the pipe cannot reach: TLS, a
+Unix socket). Through the pooled client a hit's GET was its costliest step: measured in process,
+a hit cost 582 us of CPU against a forwarded request's 399.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aredis
+
+from ..budgets.pipe import ScriptPipe
 
 FORMAT = 1
 
@@ -71,11 +78,17 @@ class Entry:
             return None
 
 
-async def get(redis: aredis.Redis, key: str) -> Entry | None:
+async def get(redis: "aredis.Redis | ScriptPipe", key: str) -> Entry | None:
     """The entry under `key`, or None (absent, expired or unreadable). Redis errors propagate."""
+    if isinstance(redis, ScriptPipe):
+        return Entry.decode(await redis.command("GET", key))
     return Entry.decode(await redis.get(key))
 
 
-async def put(redis: aredis.Redis, key: str, entry: Entry, ttl_seconds: int) -> bool:
+async def put(redis: "aredis.Redis | ScriptPipe", key: str, entry: Entry, ttl_seconds: int) -> bool:
     """Write `entry` unless one is there already: True if this call wrote it."""
-    return bool(await redis.set(key, entry.encode(), nx=True, px=int(ttl_seconds * 1000)))
+    px = int(ttl_seconds * 1000)
+    if isinstance(redis, ScriptPipe):
+        # Not retried: a write that landed before its connection broke would then read "exists".
+        return await redis.command("SET", key, entry.encode(), "NX", "PX", px, retry=False) is not None
+    return bool(await redis.set(key, entry.encode(), nx=True, px=px))

@@ -9,7 +9,8 @@ Every way a request can end comes through here:
 * `refuse(err)`  the gateway answers the client itself: record it (on the sinks only: refusals
                  write no key or stream entry to Redis; a budget block adds 1 to its day's
                  `d:blocked` rollup count), releasing a lease if one was already held.
-* `cached(...)`  a response-cache hit (extproc/cache/): settled at $0 with its record, never forwarded.
+* `cached(...)`  a response-cache hit (extproc/cache/): settled at $0 with its record, never forwarded;
+                 like `finish`, the record is returned before the settle's call ends.
 * `close()`      the gRPC stream ended, however: whatever is still open is resolved. A reserve
                  still running (the client left mid-admission) is awaited and released; a lease
                  never forwarded is released; a forwarded request is settled as `interrupted`.
@@ -91,18 +92,22 @@ class Settler:
         return record
 
     # cache: a response-cache hit (extproc/cache/flow.py) ends here ------------------------------
-    async def cached(self, fields: dict[str, Any]) -> dict[str, Any]:
+    def cached(self, fields: dict[str, Any]) -> dict[str, Any]:
         """A request answered from the response cache, once admitted: $0. Its lease (if a budget
         matched) is settled at 0 in the same call that rolls it up and writes its record, which
-        carries `fields` (`cache_rule`, `avoided_cost_nusd`, ...)."""
+        carries `fields` (`cache_rule`, `avoided_cost_nusd`, ...). As `finish`, the record is
+        returned at once and the settle runs on (`settling`, awaited at `close`): the hit's answer
+        does not wait for that round trip."""
         ctx = self.ctx
         ctx.status = ctx.status or 200
         ctx.to(State.CACHED)
-        return await run_protected(self._settle_cached(fields))
-
-    async def _settle_cached(self, fields: dict[str, Any]) -> dict[str, Any]:
-        ctx = self.ctx
         record = {**build_record(ctx, None, 0, complete=True, end="cache_hit"), **fields}
+        self.record = record
+        self.settling = run_protected(self._settle_cached(record))
+        return record
+
+    async def _settle_cached(self, record: dict[str, Any]) -> dict[str, Any]:
+        ctx = self.ctx
         settlement: str | None = None
         if self.budgets is not None:
             counters = ctx.admission.counters if ctx.admission is not None else ()
