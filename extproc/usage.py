@@ -17,6 +17,7 @@ to `requests` and `cost_nusd` only (common.lua), so decision counts can sum to l
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -176,6 +177,55 @@ def lease_meta(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: S
     body = _open_object(record)
     return (f"{usage_key(prefix, _utc_day(record['ts']))}\n{prefix}{STREAM}\n{bound.maxlen(len(body))}\n"
             f"{bound.max_age_seconds * 1000}\n{usage_tuple(record)}\n").encode() + body
+
+
+class LeaseMetaTemplate:
+    """`lease_meta` for leases whose records differ only in the `varying` fields: the record's
+    JSON encoded once, with a marker in place of each varying value, and split there; each lease
+    then encodes only those values. Byte for byte what `lease_meta` gives the whole record
+    (tests/test_usage_lease_meta.py checks it on records that differ in every varying field).
+
+    Measured in process, one request at a time: the lease's record and its encoding cost 15 us of
+    a forwarded request's 283 (the record's 27 fields rebuilt from the context, then dumped)."""
+
+    __slots__ = ("_bound", "_days", "_order", "_parts", "_prefix", "_tuple")
+
+    def __init__(self, record: Mapping[str, Any], varying: Iterable[str], *, prefix: str = "tollgate:",
+                 bound: StreamBound = StreamBound()) -> None:
+        markers = {k: f"{_MARKER}{k}" for k in varying}
+        body = _open_object({**record, **markers})
+        found = sorted((body.index(orjson.dumps(m)), k) for k, m in markers.items())  # in the record's order
+        self._order = tuple(k for _, k in found)
+        parts, rest = [], body
+        for k in self._order:
+            before, _, rest = rest.partition(orjson.dumps(markers[k]))
+            parts.append(before)
+        parts.append(rest)
+        self._parts = tuple(parts)
+        self._tuple = f"{bound.max_age_seconds * 1000}\n{usage_tuple(record)}\n".encode()
+        self._prefix, self._bound = prefix, bound
+        self._days: dict[str, bytes] = {}  # ts[:10] -> the lines naming that day's keys
+
+    def render(self, values: Mapping[str, Any]) -> bytes:
+        """The lease meta of the record with `values` (every varying field, `ts` among them)."""
+        parts = self._parts
+        chunks = [parts[0]]
+        for k, part in zip(self._order, parts[1:]):
+            chunks += (orjson.dumps(values[k]), part)
+        body = b"".join(chunks)
+        ts = values["ts"]
+        keys = self._days.get(ts[:10])
+        if keys is None:
+            if len(self._days) >= 4:
+                self._days.clear()
+            keys = f"{usage_key(self._prefix, _utc_day(ts))}\n{self._prefix}{STREAM}\n".encode()
+            if ts_day(ts) == ts[:10]:  # a UTC time (a record's ts always is): its day is its first ten characters
+                self._days[ts[:10]] = keys
+        return b"".join((keys, b"%d\n" % self._bound.maxlen(len(body)), self._tuple, body))
+
+
+# Per process and unguessable, so that no identity or policy value can contain it.
+_MARKER = f"\x1ftollgate-varying-{os.urandom(8).hex()}:"
 
 
 def expired_stream_key(prefix: str = "tollgate:") -> str:

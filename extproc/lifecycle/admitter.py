@@ -14,10 +14,9 @@ from .. import decide
 from ..budgets import Admission, BudgetEngine
 from ..budgets import replies as budget_replies
 from ..metrics import Metrics
-from ..usage import lease_meta
 from .context import RequestContext, State
-from .record import lease_record
 from .protect import start_protected
+from .record import lease_meta_of
 
 if TYPE_CHECKING:
     from ..budgets.engine import CostFn, ProviderOf
@@ -95,9 +94,8 @@ class Admitter:
             input_tokens=ctx.req.input_tokens_upper, max_output_tokens=cap,
             min_output_tokens=min(MIN_OUTPUT_TOKENS, cap), cost_fn=cost_fn, provider_of=provider_of,
             lease_seconds=gw_conf.request_timeout_seconds + gw_conf.lease_grace_seconds,
-            meta=lambda model, prov, names, reserved: lease_meta(
-                lease_record(ctx, model=model, provider=prov, budgets=names, reserved_nusd=reserved),
-                bound=ctx.config.stream_bound)))
+            meta=lambda model, prov, names, reserved: lease_meta_of(
+                ctx, model=model, provider=prov, budgets=names, reserved_nusd=reserved)))
         # Kept until the request ends: a cancel can land after the reserve finished but before this
         # coroutine resumed, and Settler.close must still find (and release) what it reserved.
         ctx.pending_admit = task

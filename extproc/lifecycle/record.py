@@ -15,6 +15,7 @@ from typing import Any
 from typing import TYPE_CHECKING
 
 from ..pricing import NANO_PER_USD, Usage
+from ..usage import LeaseMetaTemplate, lease_meta
 from .context import RequestContext
 
 if TYPE_CHECKING:
@@ -105,6 +106,37 @@ def lease_record(ctx: RequestContext, *, model: str, provider: str, budgets: lis
     return {**_request(ctx), "provider": provider, "model_served": model, "priced_as": _priced_as(ctx, model),
             "budgets": budgets,
             "reserved_usd": reserved_nusd / NANO_PER_USD, "status": 0}
+
+
+_LEASE_VARYING = ("ts", "request_id", "envoy_request_id", "client_request_id", "metadata", "reserved_usd")
+"""What a lease's record holds that differs between requests of one identity, model and decision."""
+
+
+def lease_meta_of(ctx: RequestContext, *, model: str, provider: str, budgets: list[str], reserved_nusd: int) -> bytes:
+    """`lease_meta(lease_record(...))`, from a template per identity, policy, model and budgets
+    (extproc/usage.py `LeaseMetaTemplate`): only the fields in `_LEASE_VARYING` are encoded per
+    request. Before the reservation is known (`ctx.admission` unset, as during every reserve) every
+    other field of the lease's record is fixed by the key; otherwise the record is built whole."""
+    bound = ctx.config.stream_bound
+    if ctx.admission is not None:
+        return lease_meta(lease_record(ctx, model=model, provider=provider, budgets=budgets,
+                                       reserved_nusd=reserved_nusd), bound=bound)
+    key = (id(ctx.identity), id(ctx.config), ctx.api.name if ctx.api else None, ctx.req.model if ctx.req else None,
+           model, provider, tuple(budgets), ctx.decision, ctx.decision_reason, ctx.streamed, ctx.cache)
+    hit = _LEASE_TEMPLATES.get(key)
+    if hit is None or hit[0] is not ctx.identity or hit[1] is not ctx.config:
+        if len(_LEASE_TEMPLATES) >= _LEASE_TEMPLATES_MAX:
+            _LEASE_TEMPLATES.clear()  # many distinct combinations: start over rather than grow
+        record = lease_record(ctx, model=model, provider=provider, budgets=budgets, reserved_nusd=reserved_nusd)
+        hit = _LEASE_TEMPLATES[key] = (ctx.identity, ctx.config, LeaseMetaTemplate(record, _LEASE_VARYING, bound=bound))
+    return hit[2].render({"ts": now_ts(), "request_id": ctx.request_id, "envoy_request_id": ctx.envoy_request_id,
+                          "client_request_id": ctx.client_request_id, "metadata": ctx.metadata,
+                          "reserved_usd": reserved_nusd / NANO_PER_USD})
+
+
+# Keyed by the identity's and the config's ids, holding both so their ids cannot be reused.
+_LEASE_TEMPLATES: dict[tuple[Any, ...], tuple[Any, Any, LeaseMetaTemplate]] = {}
+_LEASE_TEMPLATES_MAX = 4096
 
 
 def build_record(ctx: RequestContext, usage: Usage | None, cost_nusd: int, *, complete: bool, end: str,
