@@ -125,12 +125,30 @@ def _utc_day(ts: str) -> date:
 _DAYS: dict[str, date] = {}
 
 
+def _keys_of(prefix: str, ts: str) -> tuple[str, str]:
+    """A settle's rollup and stream keys for a record's `ts`, kept per prefix and day for a UTC
+    time (`+00:00`, as `now_ts` writes every record's), whose day is its first ten characters."""
+    day = _utc_day(ts)
+    keys = (usage_key(prefix, day), f"{prefix}{STREAM}")
+    if ts.endswith("+00:00") and day.isoformat() == ts[:10]:
+        if len(_KEYS) >= 64:
+            _KEYS.clear()
+        _KEYS[(prefix, ts[:10])] = keys
+    return keys
+
+
+_KEYS: dict[tuple[str, str], tuple[str, str]] = {}
+
+
 def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound(),
                 rollup: bool = True) -> UsageWrite:
     """The attribution writes for one record: its day rollup (when it was forwarded) and the record.
 
     The record must not carry `settlement`: the script adds what actually happened."""
-    day = _utc_day(record["ts"])
+    ts = record["ts"]
+    keys = _KEYS.get((prefix, ts[:10])) if ts.endswith("+00:00") else None
+    if keys is None:
+        keys = _keys_of(prefix, ts)
     increments: tuple[tuple[str, int], ...] = ()
     if rollup:
         tup = usage_tuple(record)
@@ -138,17 +156,21 @@ def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: 
         get = record.get
         # A metric left out reads as 0 (`_tuples`, `Usage.add`): most records have no cache or
         # reasoning tokens, and each HINCRBY the settle script skips is about 1.4 us of Redis.
-        increments = ((names[0], 1), *((name, v) for m, name in zip(METRICS[1:], names[1:])
-                                       if (v := int(get(m) or 0))))
+        inc = [(names[0], 1)]
+        for i in range(1, len(METRICS)):
+            v = get(METRICS[i])
+            if v and (v := int(v)):
+                inc.append((names[i], v))
         decision = decisions.get(get("decision"))
         if decision is not None:
-            increments += ((decision, 1),)
-        if record.get("cache") == "hit":  # cache: a hit costs 0; what it avoided is rolled up beside
-            increments += ((f"cache_hits|{tup}", 1), (f"avoided_cost_nusd|{tup}", int(record.get("avoided_cost_nusd") or 0)))
+            inc.append((decision, 1))
+        if get("cache") == "hit":  # cache: a hit costs 0; what it avoided is rolled up beside
+            inc += ((f"cache_hits|{tup}", 1), (f"avoided_cost_nusd|{tup}", int(get("avoided_cost_nusd") or 0)))
+        increments = tuple(inc)
     body = _open_object(record)
     return UsageWrite(
-        usage_key=usage_key(prefix, day),
-        stream_key=f"{prefix}{STREAM}",
+        usage_key=keys[0],
+        stream_key=keys[1],
         ttl=RETENTION_DAYS * 86400,
         stream_maxlen=bound.maxlen(len(body)),
         stream_max_age_ms=bound.max_age_seconds * 1000,
@@ -214,12 +236,14 @@ class LeaseMetaTemplate:
             chunks += (orjson.dumps(values[k]), part)
         body = b"".join(chunks)
         ts = values["ts"]
-        keys = self._days.get(ts[:10])
+        utc = ts.endswith("+00:00")  # as `now_ts` writes it: the day is the first ten characters
+        keys = self._days.get(ts[:10]) if utc else None
         if keys is None:
             if len(self._days) >= 4:
                 self._days.clear()
-            keys = f"{usage_key(self._prefix, _utc_day(ts))}\n{self._prefix}{STREAM}\n".encode()
-            if ts_day(ts) == ts[:10]:  # a UTC time (a record's ts always is): its day is its first ten characters
+            day = _utc_day(ts)
+            keys = f"{usage_key(self._prefix, day)}\n{self._prefix}{STREAM}\n".encode()
+            if utc and day.isoformat() == ts[:10]:
                 self._days[ts[:10]] = keys
         return b"".join((keys, b"%d\n" % self._bound.maxlen(len(body)), self._tuple, body))
 

@@ -1,6 +1,7 @@
 """A lease's meta from its template (extproc/usage.py `LeaseMetaTemplate`, record.py `lease_meta_of`)
 is byte for byte what encoding the lease's whole record gives (`lease_meta(lease_record(...))`),
-whatever differs between the requests that share a template, and whatever the identity holds."""
+whatever differs between the requests that share a template, and whatever the identity holds; and
+the rollup keys that lease metas and settles keep per day are only ever a UTC day's."""
 
 from __future__ import annotations
 
@@ -82,3 +83,20 @@ def test_a_policy_reload_gets_its_own_template(fixed_ts):
         whole = lease_meta(rec.lease_record(ctx, **kw), bound=config.stream_bound)
         assert rec.lease_meta_of(ctx, **kw) == whole
     assert sum(1 for k in rec._LEASE_TEMPLATES if k[1] in (id(a), id(b))) == 2
+
+
+def test_the_day_keys_kept_per_day_never_serve_another_offsets_day():
+    """Both keep a day's keys by the ts's first ten characters, which is the day only for a UTC
+    time: a record stamped 23:00 at -05:00 belongs to the next UTC day, cached day or not."""
+    from extproc.usage import LeaseMetaTemplate, usage_write
+
+    base = {"ts": "2026-12-03T10:00:00.000+00:00", "user": "u", "model_served": "m", "input_tokens": 1}
+    late = {**base, "ts": "2026-12-03T23:00:00.000-05:00"}
+    for _ in range(2):  # the second round reads what the first one kept
+        assert usage_write(base).usage_key == "tollgate:usage:2026-12-03"
+        assert usage_write(late).usage_key == "tollgate:usage:2026-12-04"
+    t = LeaseMetaTemplate(base, ("ts",))
+    for _ in range(2):
+        assert t.render({"ts": base["ts"]}).startswith(b"tollgate:usage:2026-12-03\n")
+        assert t.render({"ts": late["ts"]}).startswith(b"tollgate:usage:2026-12-04\n")
+        assert t.render({"ts": late["ts"]}) == lease_meta(late)
