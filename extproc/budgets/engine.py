@@ -466,8 +466,28 @@ class BudgetEngine:
         now: float,
         base: dict[str, Any],
     ) -> Admission:
-        statuses = [self._status(c, s, now, cost=a, held=True) for c, s, a in zip(counters, states, amounts)]
-        enforce = [st for st in statuses if st.mode == "enforce" and st.unit == "usd"]
+        # A status (13 fields, a window's reset) only for the counters the answer names: the
+        # tightest enforced budget, those past a warn_at, every rate limit. The rest are ints.
+        made: dict[int, BudgetStatus] = {}
+
+        def status(i: int) -> BudgetStatus:
+            st = made.get(i)
+            if st is None:
+                st = made[i] = self._status(counters[i], states[i], now, cost=amounts[i], held=True)
+            return st
+
+        tight, tight_left = -1, 0
+        warn: list[int] = []
+        limits: list[int] = []
+        for i, (c, s, a) in enumerate(zip(counters, states, amounts)):
+            cb = c.cb
+            used = s.spent + s.reserved + a
+            if cb.unit != "usd":
+                limits.append(i)
+            elif cb.budget.mode == "enforce" and (tight < 0 or max(0, c.limit - used) < tight_left):
+                tight, tight_left = i, max(0, c.limit - used)  # the first of the least left, as min() picks
+            if cb.budget.warn_at and _warn_level(cb.budget, used, c.limit) is not None:
+                warn.append(i)
         shadow = [
             self._status(c, s, now, cost=a, held=False)
             for c, s, a in zip(counters, states, amounts) if not c.cb.enforce and s.over
@@ -475,12 +495,12 @@ class BudgetEngine:
         return Admission(
             decision,
             reserved_nusd=cost,
-            tightest=min(enforce, key=lambda st: st.remaining_nusd) if enforce else None,
-            warnings=[st for st in statuses if st.warn_level is not None],
+            tightest=status(tight) if tight >= 0 else None,
+            warnings=[status(i) for i in warn],
             shadow_blocked=shadow,
             reason="within budget" if decision == "allowed" else "",
             counters=tuple(c.ref for c in counters),
-            rate_limits=[st for st in statuses if st.unit != "usd"],
+            rate_limits=[status(i) for i in limits],
             **base,
         )
 

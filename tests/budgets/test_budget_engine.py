@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from budget_helpers import FakeClock, admit, ts
+from budget_helpers import FakeClock, admit, budgets, ts
 
 from extproc.budgets import BudgetEngine, usd_to_nusd
 
@@ -347,3 +347,38 @@ async def test_skewed_gateway_clocks_agree_on_leases(redis_url: str, prefix: str
     finally:
         for c in clients:
             await c.aclose()
+
+
+def test_admitted_names_what_statuses_of_every_counter_would(clock: FakeClock) -> None:
+    """`_admitted` builds a status only for the counters its answer names (the tightest enforced
+    budget, those past a warn_at, the rate limits): what it answers equals picking them from a
+    status of every counter, on states that put each kind of counter under, near and over."""
+    import itertools
+
+    import redis.asyncio as aredis
+
+    from extproc.budgets import RateLimit
+    from extproc.budgets.store import CounterState
+
+    e = BudgetEngine(budgets(
+        {"name": "a", "limit_usd": 1, "window": DAY, "warn_at": [0.5, 0.8]},
+        {"name": "b", "limit_usd": 1, "window": {"calendar": "month"}},
+        {"name": "shadow", "limit_usd": 1, "window": DAY, "mode": "shadow", "warn_at": [0.5]},
+        {"name": "c", "limit_usd": 2, "window": {"rolling": "4h", "bucket": "1h"}, "warn_at": [0.9]},
+    ), aredis.Redis(port=1), clock=clock, prefix="t:",  # never connected: no call reaches Redis here
+        rate_limits=[RateLimit.model_validate({"name": "rl", "requests": 3, "tokens": 9000, "window": "1m"})])
+    now = clock()
+    counters = e._counters({"user": "u", "model": "gpt-4o", "provider": "openai"}, now)
+    assert [c.cb.unit for c in counters].count("usd") == 4 and len(counters) == 6
+    levels = [0, usd_to_nusd(0.55), usd_to_nusd(0.95), usd_to_nusd(1.5)]
+    for spent in itertools.product(levels, repeat=4):
+        states = [CounterState(sp, sp // 3, sp > usd_to_nusd(1), (sp,) if c.ref.n_buckets else ())
+                  for sp, c in zip((*spent, 1, 4000), counters)]
+        amounts = [usd_to_nusd(0.01)] * 4 + [1, 500]
+        adm = e._admitted("allowed", counters, states, usd_to_nusd(0.01), amounts, now, {
+            "model": "gpt-4o", "provider": "openai", "max_output_tokens": 16, "request_id": "r", "budgets": []})
+        every = [e._status(c, s, now, cost=a, held=True) for c, s, a in zip(counters, states, amounts)]
+        enforce = [st for st in every if st.mode == "enforce" and st.unit == "usd"]
+        assert adm.tightest == min(enforce, key=lambda st: st.remaining_nusd), spent
+        assert adm.warnings == [st for st in every if st.warn_level is not None], spent
+        assert adm.rate_limits == [st for st in every if st.unit != "usd"], spent
