@@ -216,30 +216,6 @@ def test_put_writes_once(redis_url, client):
     asyncio.run(go())
 
 
-def test_pipe_command_errors_are_redis_py_ones(redis_url):
-    """The pipe's plain commands fail as redis-py's would, so the cache's error handling (a miss,
-    a dropped write) reads them the same."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import ResponseError
-
-    async def go():
-        r = aredis.Redis.from_url(redis_url)
-        pipe = ScriptPipe.for_client(r)
-        assert pipe is not None
-        try:
-            await r.set("tollgate:test:not-a-hash", b"x")
-            with pytest.raises(ResponseError, match="WRONGTYPE"):
-                await pipe.command("HGET", "tollgate:test:not-a-hash", "f")
-            assert await pipe.command("GET", "tollgate:test:not-a-hash") == b"x"  # the connection survived
-        finally:
-            await pipe.close()
-            await r.aclose()
-        with pytest.raises(RedisConnectionError):
-            await pipe.command("GET", "tollgate:test:not-a-hash")  # closed: refused, not hung
-
-    asyncio.run(go())
-
-
 # ---- records: rollups and metrics --------------------------------------------------------------------
 
 def _record(**kw):

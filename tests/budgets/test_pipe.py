@@ -1,4 +1,4 @@
-"""The budget scripts' pipelined connection (extproc/budgets/pipe.py) against a real redis-server
+"""The budget scripts' (and the response cache's) pipelined connection (extproc/budgets/pipe.py) against a real redis-server
 of its own, which these tests stop, freeze and restart: what the pooled redis-py client it
 replaced guaranteed must still hold."""
 
@@ -153,4 +153,26 @@ async def test_for_client_follows_the_client_db_and_password(tmp_path: Path) -> 
             await client.aclose()
         assert ScriptPipe.for_client(aredis.Redis.from_url(f"unix://{tmp_path}/r.sock")) is None
     finally:
+        proc.stop()
+
+
+async def test_plain_commands_fail_as_redis_py_ones_and_retry_only_when_asked(own_redis) -> None:
+    """The cache's GET and SET on the pipe: a Redis error is redis-py's ResponseError (the cache
+    reads it as a miss, or a dropped write) and leaves the connection usable; after a restart a
+    GET is retried on a new connection, a SET NX (retry=False) fails instead of running twice."""
+    proc, port, data = own_redis
+    pipe = ScriptPipe("127.0.0.1", port)
+    try:
+        assert await pipe.command("SET", "k", b"v", "NX", "PX", 60_000, retry=False) == b"OK"
+        assert await pipe.command("SET", "k", b"w", "NX", "PX", 60_000, retry=False) is None  # already there
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await pipe.command("HGET", "k", "field")
+        assert await pipe.command("GET", "k") == b"v"  # the same connection, still in step
+        proc = _restart(port, data, proc)
+        with pytest.raises((RedisConnectionError, RedisTimeoutError)):  # the dead connection's error, not retried
+            await pipe.command("SET", "k2", b"v", "NX", retry=False)
+        proc = _restart(port, data, proc)
+        assert await pipe.command("GET", "k2") is None  # retried once on a fresh connection
+    finally:
+        await pipe.close()
         proc.stop()
