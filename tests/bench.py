@@ -662,7 +662,12 @@ def floorredis_check(t: Target, problems: list[str], timeout: float = 10.0) -> d
     expected = t.wrk_requests + 1  # + the probe; wrk does not count the ones it cut off, which may have settled
     if not 0 <= rolled - expected <= t.cut_off + 4 or leases:
         problems.append(f"{t.name}: {rolled} settles rolled up for {expected} requests, {leases} leases left")
-    return {"settles_rolled_up": rolled, "leases_left": leases}
+    out = {"settles_rolled_up": rolled, "leases_left": leases}
+    if t.attribution_logs:  # floormeter: a record filed for every request it settled
+        out["records"] = records = sum(p.read_bytes().count(b"\n") for p in t.attribution_logs if p.exists())
+        if records != rolled:
+            problems.append(f"{t.name}: {records} records filed for {rolled} settles")
+    return out
 
 
 def leases_left(t: Target, timeout: float = 10.0) -> list[str]:
@@ -794,7 +799,10 @@ def main(argv: list[str] | None = None) -> int:
             start_redis_floor("floorredis", [])
         if "floormeter" in names:
             log("starting the metering floor (floorredis plus the least of metering, its own Redis) ...")
-            start_redis_floor("floormeter", ["--meter", str(run_dir / "floormeter-records.jsonl")])
+            records = run_dir / "floormeter-records.jsonl"
+            records.unlink(missing_ok=True)  # a run directory is reused: count this run's records only
+            start_redis_floor("floormeter", ["--meter", str(records)])
+            targets["floormeter"].attribution_logs = [records]
         if "tollgate" in names:
             targets["tollgate"] = tollgate
         if "heavy" in names:

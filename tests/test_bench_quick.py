@@ -88,6 +88,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     for name in ("floorredis", "floormeter"):  # their reserve and settle ran for (nearly) every request
         fr = r["checks"][name]
         assert fr["redis"]["leases_left"] == 0 and fr["redis"]["settles_rolled_up"] > fr["wrk_requests"], (name, fr)
+    assert r["checks"]["floormeter"]["redis"]["records"] == r["checks"]["floormeter"]["redis"]["settles_rolled_up"]
     floor = r["checks"]["floor"]["envoy_stats_delta"]
     assert floor["http.tollgate.ext_proc.streams_started"] >= r["checks"]["floor"]["wrk_requests"]
 
