@@ -13,11 +13,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from decimal import ROUND_CEILING, Decimal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 NANO_PER_USD = 1_000_000_000
 _NANO_PER_TOKEN_PER_USD_PER_M = Decimal(1000)  # 1 USD/M tokens = 1000 nano-USD per token
+# Rates in USD per million tokens times this are whole numbers for any rate with up to nine
+# decimals: a token count times them sums exactly in ints, and _EXACT_PER_NANO of them make one
+# nano-USD. The hot path prices in these (Decimal arithmetic cost 2.5-2.8 us a call).
+_EXACT = Decimal(10**9)
+_EXACT_PER_NANO = 10**9 // 1000
 
 
 TOOL_KINDS = ("web_search", "web_fetch", "file_search", "code_interpreter", "image_generation", "shell")
@@ -197,7 +203,10 @@ class ModelPrice(BaseModel):
     _tier: str | None = PrivateAttr(default=None)
     _geo: str | None = PrivateAttr(default=None)
     _priced: bool = PrivateAttr(default=True)
-    _dearest: tuple[Decimal, Decimal] | None = PrivateAttr(default=None)  # worst_case_nusd's rates, once worked out
+    # worst_case_nusd's rates, once worked out: (input, output), then both times `_EXACT` as ints if exact
+    _dearest: tuple[Any, ...] | None = PrivateAttr(default=None)
+    # The rates as exact integers (`_exact`), once worked out: False when one is not exact at that scale.
+    _ints: tuple[int, ...] | bool | None = PrivateAttr(default=None)
 
     def rates(self, tier: str | None = None, geo: str | None = None) -> "ModelPrice":
         """These rates in rate tier `tier` (None: the one these already are, the row's own for a
@@ -284,7 +293,37 @@ class ModelPrice(BaseModel):
         """Exact token cost of `usage` at this model's rates (in the tier and geo it says it was
         billed at), rounded up to a whole nano-USD (per-call tool fees, image generation and other
         models' usage are added by PriceTable.cost_nusd)."""
-        return _nusd(self.rates(usage.tier, usage.inference_geo)._usd_m(usage))
+        p = self.rates(usage.tier, usage.inference_geo)
+        n = p._nusd_exact(usage)
+        return n if n is not None else _nusd(p._usd_m(usage))
+
+    def _int_rates(self) -> tuple[int, ...] | None:
+        """input, audio input, cached input, cache write, long cache write, output, audio output
+        (the rates `_usd_m` uses) times `_EXACT`, as ints; None when one of them has more decimals
+        than that scale keeps (then the Decimal path prices it)."""
+        ints = self.__pydantic_private__["_ints"]  # type: ignore[index]
+        if ints is None:
+            rates = (self.input, self.input if self.audio_input is None else self.audio_input, self._cached_input,
+                     self._cache_write, self._cache_write_long, self.output,
+                     self.output if self.audio_output is None else self.audio_output)
+            scaled = [r * _EXACT for r in rates]
+            ints = tuple(int(r) for r in scaled) if all(r == r.to_integral_value() for r in scaled) else False
+            self._ints = ints
+        return ints or None
+
+    def _nusd_exact(self, usage: Usage) -> int | None:
+        """`_nusd(self._usd_m(usage))` in integers (about a fifth of the time); None when the rates
+        are not exact at `_EXACT` (tests/test_pricing_exact.py checks both agree on every row)."""
+        p = self.tier(usage.total_input_tokens)
+        r = p._int_rates()
+        if r is None:
+            return None
+        audio_in = min(usage.audio_input_tokens, usage.input_tokens)
+        audio_out = min(usage.audio_output_tokens, usage.output_tokens)
+        total = ((usage.input_tokens - audio_in) * r[0] + audio_in * r[1] + usage.cached_input_tokens * r[2]
+                 + usage.cache_write_tokens * r[3] + usage.cache_write_long_tokens * r[4]
+                 + (usage.output_tokens - audio_out) * r[5] + audio_out * r[6])
+        return -(-total // _EXACT_PER_NANO)  # rounded up, as _nusd
 
     def _usd_m(self, usage: Usage) -> Decimal:
         p = self.tier(usage.total_input_tokens)
@@ -317,13 +356,16 @@ class ModelPrice(BaseModel):
         tokens fall in (cache writes, audio and image input included), every output token at the
         dearest output rate (audio or image output where the row has one)."""
         p = self.tier(input_tokens)
-        dearest = p._dearest if p is self else None
+        dearest = self.__pydantic_private__["_dearest"] if p is self else None  # type: ignore[index]
         if dearest is None:
             dearest = (max([p.input, p._cache_write, p._cache_write_long,
                             *(r for r in (self.audio_input, self.image_input) if r is not None)]),
                        max([p.output, *(r for r in (self.audio_output, self.image_output) if r is not None)]))
+            dearest += tuple(int(d * _EXACT) for d in dearest if d * _EXACT == (d * _EXACT).to_integral_value())
             if p is self:
                 self._dearest = dearest
+        if len(dearest) == 4:  # both exact as integers: the same rounding up, in ints
+            return -(-(input_tokens * dearest[2] + output_tokens * dearest[3]) // _EXACT_PER_NANO)
         return _nusd(input_tokens * dearest[0] + output_tokens * dearest[1])
 
 
@@ -386,6 +428,10 @@ class PriceTable:
         (an unpriced one at `price`'s: never $0; in the same geo, and in the same tier where that
         model has it). One rounding, up, at the end."""
         p = price.rates(usage.tier, usage.inference_geo)
+        if not (usage.tool_calls or usage.other_models or usage.image_gen):  # tokens only: in integers
+            n = p._nusd_exact(usage)
+            if n is not None:
+                return n
         usd_m = p._usd_m(usage) + self._tools_usd_m(usage.tool_calls)
         for model, u in usage.other_models:
             usd_m += self._other(model, p, u)._usd_m(u)
