@@ -293,9 +293,14 @@ class ModelPrice(BaseModel):
         """Exact token cost of `usage` at this model's rates (in the tier and geo it says it was
         billed at), rounded up to a whole nano-USD (per-call tool fees, image generation and other
         models' usage are added by PriceTable.cost_nusd)."""
-        p = self.rates(usage.tier, usage.inference_geo)
-        n = p._nusd_exact(usage)
-        return n if n is not None else _nusd(p._usd_m(usage))
+        return self.rates(usage.tier, usage.inference_geo)._token_nusd(usage)
+
+    def _token_nusd(self, usage: Usage) -> int:
+        """`usage`'s tokens at these rates, rounded up: in integers when the rates are exact at
+        `_EXACT` (PriceTable.cost_nusd 2.8 -> 1.3 us warm), else in Decimal
+        (tests/test_pricing_exact.py checks both agree on every shipped row)."""
+        n = self._nusd_exact(usage)
+        return n if n is not None else _nusd(self._usd_m(usage))
 
     def _int_rates(self) -> tuple[int, ...] | None:
         """input, audio input, cached input, cache write, long cache write, output, audio output
@@ -306,15 +311,13 @@ class ModelPrice(BaseModel):
             rates = (self.input, self.input if self.audio_input is None else self.audio_input, self._cached_input,
                      self._cache_write, self._cache_write_long, self.output,
                      self.output if self.audio_output is None else self.audio_output)
-            scaled = [r * _EXACT for r in rates]
-            ints = tuple(int(r) for r in scaled) if all(r == r.to_integral_value() for r in scaled) else False
+            exact = [_exact_int(r) for r in rates]
+            ints = tuple(exact) if None not in exact else False  # type: ignore[arg-type]
             self._ints = ints
         return ints or None
 
     def _nusd_exact(self, usage: Usage) -> int | None:
-        """`_nusd(self._usd_m(usage))` in integers (PriceTable.cost_nusd 2.8 -> 1.3 us warm); None
-        when the rates are not exact at `_EXACT` (tests/test_pricing_exact.py checks both agree on
-        every shipped row)."""
+        """`_nusd(self._usd_m(usage))` in integers; None when the rates are not exact at `_EXACT`."""
         p = self.tier(usage.total_input_tokens)
         r = p._int_rates()
         if r is None:
@@ -362,7 +365,9 @@ class ModelPrice(BaseModel):
             dearest = (max([p.input, p._cache_write, p._cache_write_long,
                             *(r for r in (self.audio_input, self.image_input) if r is not None)]),
                        max([p.output, *(r for r in (self.audio_output, self.image_output) if r is not None)]))
-            dearest += tuple(int(d * _EXACT) for d in dearest if d * _EXACT == (d * _EXACT).to_integral_value())
+            exact = (_exact_int(dearest[0]), _exact_int(dearest[1]))
+            if None not in exact:
+                dearest += exact
             if p is self:
                 self._dearest = dearest
         if len(dearest) == 4:  # both exact as integers: the same rounding up, in ints
@@ -389,6 +394,12 @@ ModelPrice.model_rebuild()
 
 
 _ZERO = Decimal(0)
+
+
+def _exact_int(rate: Decimal) -> int | None:
+    """`rate` times `_EXACT` as an int, None when that is not a whole number."""
+    scaled = rate * _EXACT
+    return int(scaled) if scaled == scaled.to_integral_value() else None
 
 
 def _nusd(usd_m: Decimal) -> int:
@@ -429,10 +440,8 @@ class PriceTable:
         (an unpriced one at `price`'s: never $0; in the same geo, and in the same tier where that
         model has it). One rounding, up, at the end."""
         p = price.rates(usage.tier, usage.inference_geo)
-        if not (usage.tool_calls or usage.other_models or usage.image_gen):  # tokens only: in integers
-            n = p._nusd_exact(usage)
-            if n is not None:
-                return n
+        if not (usage.tool_calls or usage.other_models or usage.image_gen):  # tokens only (in integers, mostly)
+            return p._token_nusd(usage)
         usd_m = p._usd_m(usage) + self._tools_usd_m(usage.tool_calls)
         for model, u in usage.other_models:
             usd_m += self._other(model, p, u)._usd_m(u)

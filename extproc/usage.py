@@ -125,19 +125,24 @@ def _utc_day(ts: str) -> date:
 _DAYS: dict[str, date] = {}
 
 
-def _keys_of(prefix: str, ts: str) -> tuple[str, str]:
-    """A settle's rollup and stream keys for a record's `ts`, kept per prefix and day for a UTC
-    time (`+00:00`, as `now_ts` writes every record's), whose day is its first ten characters."""
-    day = _utc_day(ts)
-    keys = (usage_key(prefix, day), f"{prefix}{STREAM}")
-    if ts.endswith("+00:00") and day.isoformat() == ts[:10]:
-        if len(_KEYS) >= 64:
-            _KEYS.clear()
-        _KEYS[(prefix, ts[:10])] = keys
+def _day_keys(prefix: str, ts: str) -> tuple[str, str, bytes]:
+    """The rollup and stream keys a record's `ts` writes to (settles and lease metas alike), and
+    the two as a lease meta's first lines: kept per prefix and day for a UTC time (`+00:00`, as
+    `now_ts` writes every record's), whose day is its first ten characters."""
+    utc = ts.endswith("+00:00")
+    keys = _KEYS.get((prefix, ts[:10])) if utc else None
+    if keys is None:
+        day = _utc_day(ts)
+        usage, stream = usage_key(prefix, day), f"{prefix}{STREAM}"
+        keys = (usage, stream, f"{usage}\n{stream}\n".encode())
+        if utc and day.isoformat() == ts[:10]:
+            if len(_KEYS) >= 64:
+                _KEYS.clear()
+            _KEYS[(prefix, ts[:10])] = keys
     return keys
 
 
-_KEYS: dict[tuple[str, str], tuple[str, str]] = {}
+_KEYS: dict[tuple[str, str], tuple[str, str, bytes]] = {}
 
 
 def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: StreamBound = StreamBound(),
@@ -145,10 +150,7 @@ def usage_write(record: Mapping[str, Any], *, prefix: str = "tollgate:", bound: 
     """The attribution writes for one record: its day rollup (when it was forwarded) and the record.
 
     The record must not carry `settlement`: the script adds what actually happened."""
-    ts = record["ts"]
-    keys = _KEYS.get((prefix, ts[:10])) if ts.endswith("+00:00") else None
-    if keys is None:
-        keys = _keys_of(prefix, ts)
+    keys = _day_keys(prefix, record["ts"])
     increments: tuple[tuple[str, int], ...] = ()
     if rollup:
         tup = usage_tuple(record)
@@ -210,7 +212,7 @@ class LeaseMetaTemplate:
     Measured in process, one request at a time: the lease's record and its encoding cost 15 us of
     a forwarded request's 283 (the record's 27 fields rebuilt from the context, then dumped)."""
 
-    __slots__ = ("_bound", "_days", "_order", "_parts", "_prefix", "_tail")
+    __slots__ = ("_bound", "_order", "_parts", "_prefix", "_tail")
 
     def __init__(self, record: Mapping[str, Any], varying: Iterable[str], *, prefix: str = "tollgate:",
                  bound: StreamBound = StreamBound()) -> None:
@@ -226,7 +228,6 @@ class LeaseMetaTemplate:
         self._parts = tuple(parts)
         self._tail = f"{bound.max_age_seconds * 1000}\n{usage_tuple(record)}\n".encode()  # max age, rollup tuple
         self._prefix, self._bound = prefix, bound
-        self._days: dict[str, bytes] = {}  # ts[:10] -> the lines naming that day's keys
 
     def render(self, values: Mapping[str, Any]) -> bytes:
         """The lease meta of the record with `values` (every varying field, `ts` among them)."""
@@ -235,16 +236,7 @@ class LeaseMetaTemplate:
         for k, part in zip(self._order, parts[1:]):
             chunks += (orjson.dumps(values[k]), part)
         body = b"".join(chunks)
-        ts = values["ts"]
-        utc = ts.endswith("+00:00")  # as `now_ts` writes it: the day is the first ten characters
-        keys = self._days.get(ts[:10]) if utc else None
-        if keys is None:
-            if len(self._days) >= 4:
-                self._days.clear()
-            day = _utc_day(ts)
-            keys = f"{usage_key(self._prefix, day)}\n{self._prefix}{STREAM}\n".encode()
-            if utc and day.isoformat() == ts[:10]:
-                self._days[ts[:10]] = keys
+        keys = _day_keys(self._prefix, values["ts"])[2]
         return b"".join((keys, b"%d\n" % self._bound.maxlen(len(body)), self._tail, body))
 
 
