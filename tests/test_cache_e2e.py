@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ import pytest
 import redis
 
 from extproc.cache.store import Entry
-from tests.accounting import Counter, books_and_ledger
+from tests.accounting import Counter, books_and_ledger, final_records
 from tests.conftest import JsonLog
 
 A1, A2, B = "key-cache-a1", "key-cache-a2", "key-cache-b"
@@ -371,3 +372,38 @@ def test_concurrent_identical_misses_write_one_complete_entry(stack, run, rds):
     hit = run.post(A1, body)
     assert hit.headers["x-tollgate-cache"] == "hit" and hit.content == entry.body
     assert len(run.books()) == len(misses)
+
+
+def test_hits_whose_clients_leave_at_once_are_settled_at_zero(stack, run, attribution):
+    """A hit is answered before its $0 settle's round trip, which the stream then waits for: clients
+    that send a cached request and close their socket at once (before the answer, or as it
+    arrives) leave no lease, the counter equals the records, and every hit that was recorded
+    was settled at $0."""
+    first = run.post(A1, run.chat())
+    assert first.headers["x-tollgate-cache"] == "miss"
+    body = json.dumps(run.chat()).encode()
+    host, port = stack.base_url.removeprefix("http://").split(":")
+    head = (f"POST {CHAT} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {A1}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\nx-fake-run: {run.id}\r\n\r\n").encode()
+
+    def leave(wait_s: float) -> None:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(head + body)
+            if wait_s:
+                time.sleep(wait_s)  # mid-admission, or just as the answer comes
+    threads = [threading.Thread(target=leave, args=(d,)) for d in (0, 0, 0.001, 0.002, 0.005, 0.01) * 4]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert run.post(A1, run.chat()).headers["x-tollgate-cache"] == "hit"  # the stack still answers
+    ledger = run.books()  # no lease left, cache-books == the records
+    assert len(ledger) == 1  # only the miss reached the provider
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        served_from = first.headers["x-tollgate-request-id"]
+        hits = [rec for rec in final_records(r).values()
+                if rec.get("cache") == "hit" and rec.get("cached_from") == served_from]
+    finally:
+        r.close()
+    assert len(hits) > 1 and all(h["cost_nusd"] == 0 and h["settlement"] == "settled" for h in hits), hits
