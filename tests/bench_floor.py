@@ -57,6 +57,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeade
 from extproc import messages as msg
 from extproc.lifecycle.protect import start_protected
 from extproc.lifecycle.record import now_ts
+from extproc.processor import _headers as read_headers
 from extproc.server import serve
 from extproc.usage import lease_meta, usage_write
 
@@ -194,10 +195,7 @@ class MeterFloorProcessor(RedisFloorProcessor):
         self.t0 = 0.0
 
     async def request_headers(self, h: HttpHeaders) -> ProcessingResponse:
-        headers = {}
-        for hv in h.headers.headers:
-            rv = hv.raw_value
-            headers[hv.key] = rv.decode("utf-8", "replace") if rv else hv.value
+        headers = read_headers(h)
         key = headers.get("authorization", "").removeprefix("Bearer ")
         self.identity = self._IDENTITIES.get(hashlib.sha256(key.encode()).hexdigest(), self._BENCH)
         self.path, self.envoy_id = headers.get(":path", ""), headers.get("x-request-id", "")
