@@ -21,12 +21,13 @@ costs a dict lookup plus a locked add per series.
 from __future__ import annotations
 
 import copy
+import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 NANO_PER_USD = 1_000_000_000
 
@@ -81,14 +82,15 @@ class Metrics:
         # unless asked (without touching prometheus_client's process-global switch).
         self._exposed = self.registry if created_series else _WithoutCreated(self.registry)
         r = self.registry
-        self._requests = Counter("tollgate_requests", "Requests by decision, API, provider and status class.",
-                                 ("decision", "api", "provider", "status_class"), registry=r)
+        self._requests = FastCounter("tollgate_requests", "Requests by decision, API, provider and status class.",
+                                     ("decision", "api", "provider", "status_class"), registry=r)
         spend_labels = ("team", "model", "provider") + (("user",) if per_user else ())
-        self._spend = Counter("tollgate_spend_usd", "Settled spend in USD, by team, model (the price-table "
-                              "entry that priced it: a model name or a glob) and provider.",
-                              spend_labels, registry=r)
-        self._tokens = Counter("tollgate_tokens", "Tokens by kind (input, cached_input, cache_write, output), "
-                               "model (price-table entry) and provider.", ("kind", "model", "provider"), registry=r)
+        self._spend = FastCounter("tollgate_spend_usd", "Settled spend in USD, by team, model (the price-table "
+                                  "entry that priced it: a model name or a glob) and provider.",
+                                  spend_labels, registry=r)
+        self._tokens = FastCounter("tollgate_tokens", "Tokens by kind (input, cached_input, cache_write, output), "
+                                   "model (price-table entry) and provider.", ("kind", "model", "provider"),
+                                   registry=r)
         self._duration = FastHistogram("tollgate_request_duration_seconds", "Whole-request latency seen by the ext_proc.",
                                        (), REQUEST_BUCKETS, registry=r)
         self._incomplete = Counter("tollgate_incomplete_responses", "Responses cut short (usage not fully known).",
@@ -135,9 +137,6 @@ class Metrics:
         self._c_cache: dict[tuple[str, ...], Any] = {}
 
         # label tuple -> child; plain dicts, filled lazily (a miss costs one .labels() call)
-        self._c_requests: dict[tuple[str, ...], Any] = {}
-        self._c_spend: dict[tuple[str, ...], Any] = {}
-        self._c_tokens: dict[tuple[str, ...], Any] = {}
         self._c_incomplete: dict[str, Any] = {}
         self._c_shape: dict[tuple[Any, ...], tuple[Any, tuple[str, ...], str, str]] = {}  # see `_shape`
         self._c_redis: dict[str, Any] = {}
@@ -161,26 +160,19 @@ class Metrics:
                     self._c_shape.clear()  # many distinct label sets: start over rather than grow
                 self._c_shape[raw] = shape
         requests, skey, model, provider = shape
-        requests.inc()
+        requests[0] += 1
 
         cost = get("cost_nusd")
         cost = cost if type(cost) is int else _num(cost)
         if cost > 0:
-            child = self._c_spend.get(skey)
-            if child is None:
-                child = self._c_spend[skey] = self._spend.labels(*skey)
-            child.inc(cost / NANO_PER_USD)
+            self._spend.child(skey)[0] += cost / NANO_PER_USD
 
         for kind, field in TOKEN_KINDS:
             n = get(field)
             if type(n) is not int:
                 n = _num(n)
             if n > 0:
-                tkey = (kind, model, provider)
-                child = self._c_tokens.get(tkey)
-                if child is None:
-                    child = self._c_tokens[tkey] = self._tokens.labels(*tkey)
-                child.inc(n)
+                self._tokens.child((kind, model, provider))[0] += n
 
         latency_ms = get("latency_ms")
         if latency_ms is not None:
@@ -218,9 +210,7 @@ class Metrics:
         get = record.get
         provider = _label(get("provider"))
         key = (_label(get("decision")), _label(get("api")), provider, _status_class(get("status")))
-        child = self._c_requests.get(key)
-        if child is None:
-            child = self._c_requests[key] = self._requests.labels(*key)
+        child = self._requests.child(key)
         # The price-table entry, not the served name: a glob prices any name a client sends, and
         # each would be a new series (50 names: +150 series before this).
         model = _label(get("priced_as"))
@@ -298,6 +288,36 @@ class Metrics:
         srv = MetricsServer(self, host, port)
         await srv.start()
         return srv
+
+
+class FastCounter:
+    """A counter added to on every request, without prometheus_client's locks.
+
+    prometheus_client's `Counter.inc` is four Python calls and a lock; `observe` made four of
+    them a request (requests, spend, two token kinds). Adds come only from the event loop's
+    thread (as for `FastHistogram`), so a series is a plain list: `child(labels)[0] += n`. Exposed
+    as a normal counter family (`_total`, and `_created` for `Metrics(created_series=True)`)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._series: dict[tuple[str, ...], list[float]] = {}  # labels -> [value, created]
+        registry.register(self)
+
+    def child(self, labels: tuple[str, ...]) -> list[float]:
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = [0, time.time()]
+        return series
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, (value, created) in list(self._series.items()):
+            fam.add_metric(list(labels), value, created=created)
+        yield fam
 
 
 class FastHistogram:

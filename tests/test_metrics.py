@@ -186,12 +186,12 @@ def test_instances_do_not_collide():
 def test_label_children_are_cached():
     m = Metrics()
     m.observe(RECORDS[0])
-    n = (len(m._c_requests), len(m._c_spend), len(m._c_tokens))
-    child = next(iter(m._c_requests.values()))
+    n = (len(m._requests._series), len(m._spend._series), len(m._tokens._series))
+    child = next(iter(m._requests._series.values()))
     for _ in range(100):
         m.observe(RECORDS[0])
-    assert (len(m._c_requests), len(m._c_spend), len(m._c_tokens)) == n
-    assert next(iter(m._c_requests.values())) is child
+    assert (len(m._requests._series), len(m._spend._series), len(m._tokens._series)) == n
+    assert next(iter(m._requests._series.values())) is child
     fams = families(m.render())
     assert samples(fams, "tollgate_requests", "tollgate_requests_total")[0].value == 101
 

@@ -39,11 +39,16 @@ class State(enum.Enum):
 
 # Which transitions are legal; anything else is a bug, raised loudly in tests.
 _NEXT = {
-    State.NEW: {State.ADMITTING, State.REFUSED, State.FORWARDED},  # FORWARDED: no budget engine
-    State.ADMITTING: {State.RESERVED, State.REFUSED, State.RELEASED},
-    State.RESERVED: {State.FORWARDED, State.RELEASED, State.REFUSED, State.CACHED},  # CACHED: a cache hit
-    State.FORWARDED: {State.SETTLED},
+    State.NEW: (State.ADMITTING, State.REFUSED, State.FORWARDED),  # FORWARDED: no budget engine
+    State.ADMITTING: (State.RESERVED, State.REFUSED, State.RELEASED),
+    State.RESERVED: (State.FORWARDED, State.RELEASED, State.REFUSED, State.CACHED),  # CACHED: a cache hit
+    State.FORWARDED: (State.SETTLED,),
 }
+# Each state's legal next states on the member itself: an Enum's hash is a Python-level call,
+# and a transition looked up in `_NEXT` hashed twice (four transitions a request); a tuple's
+# `in` compares members by identity.
+for _state in State:
+    _state._next = _NEXT.get(_state, ())  # type: ignore[attr-defined]
 
 
 _ID_PREFIX = os.urandom(8).hex()
@@ -90,7 +95,7 @@ class RequestContext:
         default=None, repr=False)
 
     def to(self, state: State) -> None:
-        if state not in _NEXT.get(self.state, ()):
+        if state not in self.state._next:  # type: ignore[attr-defined]
             raise RuntimeError(f"request {self.request_id}: illegal transition {self.state.value} -> {state.value}")
         self.state = state
 
