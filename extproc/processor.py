@@ -109,7 +109,12 @@ class Processor:
         remove = _to_remove(tuple(headers), self.rt.auth.headers_to_strip(ctx.identity))
         # Provider-key headers still present: decided once the provider is known (request body).
         self._client_keys = {k: headers[k] for k in ("authorization", "x-api-key") if k in headers and k not in remove}
-        return msg.request_headers(remove)
+        pr = _HEADERS_ANSWERS.get(remove)
+        if pr is None:  # one answer per distinct removal: nothing changes an answer once returned
+            if len(_HEADERS_ANSWERS) >= 4096:
+                _HEADERS_ANSWERS.clear()
+            pr = _HEADERS_ANSWERS[remove] = msg.request_headers(remove)
+        return pr
 
     # ---- request body ----------------------------------------------------------------
     async def request_body(self, b: HttpBody) -> ProcessingResponse:
@@ -406,6 +411,7 @@ def _to_remove(names: tuple[str, ...], creds: frozenset[str]) -> tuple[str, ...]
 
 
 _REMOVE: dict[tuple[tuple[str, ...], frozenset[str]], tuple[str, ...]] = {}
+_HEADERS_ANSWERS: dict[tuple[str, ...], ProcessingResponse] = {}  # the request headers' answers, by removal
 
 
 def _headers(h: HttpHeaders) -> dict[str, str]:
