@@ -151,15 +151,18 @@ class Proc:
                 continue
 
 
-def redis_proc(port: int, data_dir: Path) -> Proc:
-    """A loopback-only redis-server with AOF on, its data under data_dir."""
+def redis_proc(port: int, data_dir: Path, unix_socket: Path | None = None) -> Proc:
+    """A loopback-only redis-server with AOF on, its data under data_dir; with `unix_socket`,
+    also listening there (owner only), beside the port."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    unix = ["--unixsocket", str(unix_socket), "--unixsocketperm", "700"] if unix_socket is not None else []
     return Proc(
         "redis",
         [
             "redis-server",
             "--bind", "127.0.0.1",
             "--port", str(port),
+            *unix,
             "--dir", str(data_dir),
             "--appendonly", "yes",
             "--save", "",
@@ -168,6 +171,15 @@ def redis_proc(port: int, data_dir: Path) -> Proc:
         log_path=data_dir / "redis.log",
         ports=[port],
     )
+
+
+UNIX_PATH_MAX = 100
+"""Longest Unix socket path used (the kernel's limit is 107 bytes); a longer one means TCP."""
+
+
+def unix_socket_url(path: Path, db: int = 0) -> str | None:
+    """A redis-py URL for a Redis Unix socket, None when `path` is too long to bind."""
+    return f"unix://{path}?db={db}" if len(str(path)) <= UNIX_PATH_MAX else None
 
 
 def start_time(pid: int) -> str | None:

@@ -145,11 +145,12 @@ class _Conn(asyncio.Protocol):
 
 
 class ScriptPipe:
-    """EVALSHA over one pipelined connection to a TCP Redis, reconnecting as needed."""
+    """EVALSHA over one pipelined connection to Redis, over TCP or a Unix socket (`path`),
+    reconnecting as needed."""
 
-    def __init__(self, host: str, port: int, *, db: int = 0, username: str | None = None,
+    def __init__(self, host: str, port: int, *, path: str | None = None, db: int = 0, username: str | None = None,
                  password: str | None = None, timeout: float = 0.5, connect_timeout: float = 0.5) -> None:
-        self._host, self._port, self._db = host, port, db
+        self._host, self._port, self._path, self._db = host, port, path, db
         self._username, self._password = username, password
         self._timeout, self._connect_timeout = timeout, connect_timeout
         self._conn: _Conn | None = None
@@ -158,27 +159,34 @@ class ScriptPipe:
 
     @classmethod
     def for_client(cls, redis: Any) -> "ScriptPipe | None":
-        """A pipe to the same server as a redis-py client (None when it is not plain TCP, e.g.
-        TLS or a Unix socket: the store then keeps using the client)."""
-        from redis.asyncio.connection import Connection
+        """A pipe to the same server as a redis-py client: plain TCP or a Unix socket (None for
+        anything else, e.g. TLS: the store then keeps using the client)."""
+        from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 
         pool = redis.connection_pool
-        if pool.connection_class is not Connection:
-            return None
         kw = pool.connection_kwargs
-        return cls(kw.get("host", "localhost"), int(kw.get("port", 6379)), db=int(kw.get("db", 0) or 0),
+        if pool.connection_class is UnixDomainSocketConnection:
+            where: dict[str, Any] = {"host": "", "port": 0, "path": kw["path"]}
+        elif pool.connection_class is Connection:
+            where = {"host": kw.get("host", "localhost"), "port": int(kw.get("port", 6379))}
+        else:
+            return None
+        return cls(**where, db=int(kw.get("db", 0) or 0),
                    username=kw.get("username"), password=kw.get("password"),
                    timeout=kw.get("socket_timeout") or 0.5, connect_timeout=kw.get("socket_connect_timeout") or 0.5)
 
     async def _connect(self) -> _Conn:
         loop = asyncio.get_running_loop()
         conn = _Conn(loop, self._timeout)
+        where = self._path or f"{self._host}:{self._port}"
+        connecting = (loop.create_unix_connection(lambda: conn, self._path) if self._path
+                      else loop.create_connection(lambda: conn, self._host, self._port))
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: conn, self._host, self._port), self._connect_timeout)
+            await asyncio.wait_for(connecting, self._connect_timeout)
         except asyncio.TimeoutError:
-            raise RedisTimeoutError(f"connecting to Redis at {self._host}:{self._port} timed out") from None
+            raise RedisTimeoutError(f"connecting to Redis at {where} timed out") from None
         except OSError as e:
-            raise RedisConnectionError(f"cannot connect to Redis at {self._host}:{self._port}: {e}") from e
+            raise RedisConnectionError(f"cannot connect to Redis at {where}: {e}") from e
         setup: list[tuple[Any, ...]] = []
         if self._password is not None:
             setup.append(("AUTH", self._username, self._password) if self._username else ("AUTH", self._password))

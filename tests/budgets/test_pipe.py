@@ -151,7 +151,7 @@ async def test_for_client_follows_the_client_db_and_password(tmp_path: Path) -> 
         finally:
             await pipe.close()
             await client.aclose()
-        assert ScriptPipe.for_client(aredis.Redis.from_url(f"unix://{tmp_path}/r.sock")) is None
+        assert ScriptPipe.for_client(aredis.Redis.from_url("rediss://127.0.0.1:6379/0")) is None  # TLS: the pool
     finally:
         proc.stop()
 
@@ -175,4 +175,31 @@ async def test_plain_commands_fail_as_redis_py_ones_and_retry_only_when_asked(ow
         assert await pipe.command("GET", "k2") is None  # retried once on a fresh connection
     finally:
         await pipe.close()
+        proc.stop()
+
+
+async def test_a_unix_socket_redis_gets_the_pipe_and_survives_a_restart(tmp_path: Path) -> None:
+    """A client of a Redis on a Unix socket (the local stack's, extproc/stack.py) gets a pipe on
+    that socket, in the client's database; after Redis restarts (a new socket file at the same
+    path) the next call is retried once on a new connection, as over TCP."""
+    port, data = free_port(), tmp_path / "redis"
+    sock = tmp_path / "redis.sock"
+    proc = redis_proc(port, data, sock).start()
+    try:
+        wait_for_port(port, proc=proc)
+        client = aredis.Redis.from_url(f"unix://{sock}?db=2")
+        pipe = ScriptPipe.for_client(client)
+        assert pipe is not None and pipe._path == str(sock) and pipe._db == 2
+        try:
+            assert await pipe.evalsha(sha1(ECHO), ECHO, ["k"], ["v", 1]) == [b"k", b"v", 2]
+            assert await pipe.command("SET", "where", b"db2") == b"OK"
+            assert await client.get("where") == b"db2"  # the client's database, over the same socket
+            proc.stop()
+            proc = redis_proc(port, data, sock).start()
+            wait_for_port(port, proc=proc)
+            assert await pipe.evalsha(sha1(ECHO), ECHO, ["k"], ["v", 2]) == [b"k", b"v", 3]
+        finally:
+            await pipe.close()
+            await client.aclose()
+    finally:
         proc.stop()
