@@ -21,7 +21,15 @@ from pathlib import Path
 from .admin.build import ensure_generated
 from .config import load_config
 from .envoy_config import EnvoyPorts, write
-from .procs import Interrupted, PidFile, Proc, free_port, redis_proc, unix_socket_url, wait_for_port
+from .procs import (
+    Interrupted,
+    PidFile,
+    Proc,
+    free_port,
+    redis_proc,
+    unix_socket_url,
+    wait_for_port,
+)
 
 
 def _never() -> bool:
