@@ -106,15 +106,10 @@ class Processor:
         # identified it, every x-tollgate-* header, Cloudflare Access's identity headers and
         # cookies (Access's CF_Authorization cookie carries the JWT) are removed.
         assert ctx.identity is not None
-        remove = _to_remove(tuple(headers), self.rt.auth.headers_to_strip(ctx.identity))
+        remove, answer = _to_remove(tuple(headers), self.rt.auth.headers_to_strip(ctx.identity))
         # Provider-key headers still present: decided once the provider is known (request body).
         self._client_keys = {k: headers[k] for k in ("authorization", "x-api-key") if k in headers and k not in remove}
-        pr = _HEADERS_ANSWERS.get(remove)
-        if pr is None:  # one answer per distinct removal: nothing changes an answer once returned
-            if len(_HEADERS_ANSWERS) >= 4096:
-                _HEADERS_ANSWERS.clear()
-            pr = _HEADERS_ANSWERS[remove] = msg.request_headers(remove)
-        return pr
+        return answer
 
     # ---- request body ----------------------------------------------------------------
     async def request_body(self, b: HttpBody) -> ProcessingResponse:
@@ -397,21 +392,22 @@ def _dumps(body: dict[str, Any]) -> bytes:
                           code="invalid_json") from None
 
 
-def _to_remove(names: tuple[str, ...], creds: frozenset[str]) -> tuple[str, ...]:
-    """The request headers that go no further (see `Processor.request_headers`): worked out once
-    per distinct list of header names, since a client sends the same names request after request."""
+def _to_remove(names: tuple[str, ...], creds: frozenset[str]) -> tuple[tuple[str, ...], ProcessingResponse]:
+    """The request headers that go no further (see `Processor.request_headers`), and the request
+    headers' answer removing them: worked out once per distinct list of header names, since a
+    client sends the same names request after request (nothing changes an answer once returned)."""
     key = (names, creds)
     hit = _REMOVE.get(key)
     if hit is None:
         if len(_REMOVE) >= 4096:
             _REMOVE.clear()
-        hit = _REMOVE[key] = tuple(k for k in names if k.startswith(_STRIPPED_PREFIXES) or k in creds
-                                   or k == "cookie" or k in _IDENTITY_LOOKALIKES)
+        remove = tuple(k for k in names if k.startswith(_STRIPPED_PREFIXES) or k in creds
+                       or k == "cookie" or k in _IDENTITY_LOOKALIKES)
+        hit = _REMOVE[key] = (remove, msg.request_headers(remove))
     return hit
 
 
-_REMOVE: dict[tuple[tuple[str, ...], frozenset[str]], tuple[str, ...]] = {}
-_HEADERS_ANSWERS: dict[tuple[str, ...], ProcessingResponse] = {}  # the request headers' answers, by removal
+_REMOVE: dict[tuple[tuple[str, ...], frozenset[str]], tuple[tuple[str, ...], ProcessingResponse]] = {}
 
 
 def _headers(h: HttpHeaders) -> dict[str, str]:
