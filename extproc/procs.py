@@ -177,9 +177,14 @@ UNIX_PATH_MAX = 100
 """Longest Unix socket path used (the kernel's limit is 107 bytes); a longer one means TCP."""
 
 
-def unix_socket_url(path: Path, db: int = 0) -> str | None:
-    """A redis-py URL for a Redis Unix socket, None when `path` is too long to bind."""
-    return f"unix://{path}?db={db}" if len(str(path)) <= UNIX_PATH_MAX else None
+def local_redis(port: int, data_dir: Path) -> tuple[Proc, str]:
+    """`redis_proc` also listening on `data_dir/redis.sock`, and the URL to reach it by: that
+    socket's (a round trip there costs about a third of loopback TCP's: docs/operations.md,
+    "Redis over a Unix socket"), or the port's when the path is too long to bind."""
+    sock = (data_dir / "redis.sock").resolve()
+    if len(str(sock)) > UNIX_PATH_MAX:
+        return redis_proc(port, data_dir), f"redis://127.0.0.1:{port}/0"
+    return redis_proc(port, data_dir, sock), f"unix://{sock}?db=0"
 
 
 def start_time(pid: int) -> str | None:

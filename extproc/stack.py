@@ -21,15 +21,7 @@ from pathlib import Path
 from .admin.build import ensure_generated
 from .config import load_config
 from .envoy_config import EnvoyPorts, write
-from .procs import (
-    Interrupted,
-    PidFile,
-    Proc,
-    free_port,
-    redis_proc,
-    unix_socket_url,
-    wait_for_port,
-)
+from .procs import Interrupted, PidFile, Proc, free_port, local_redis, wait_for_port
 
 
 def _never() -> bool:
@@ -176,14 +168,11 @@ class Stack:
             self._check_stop()
             if self.redis_url is None:
                 # Also on a Unix socket, which the ext_procs (and everything else given
-                # `redis_url`) use: a round trip there costs about a third of loopback TCP's
-                # (docs/operations.md, "Redis over a Unix socket"). The port stays open for tools.
-                sock = (self.run_dir / "redis" / "redis.sock").resolve()
-                unix_url = unix_socket_url(sock)
-                redis = self._add(redis_proc(self.ports.redis, self.run_dir / "redis",
-                                             sock if unix_url is not None else None))
+                # `redis_url`) use; the port stays open for tools.
+                proc, url = local_redis(self.ports.redis, self.run_dir / "redis")
+                redis = self._add(proc)
                 redis.wait_ready(cancelled=self.should_stop)
-                self.redis_url = unix_url or f"redis://127.0.0.1:{self.ports.redis}/0"
+                self.redis_url = url
             py = sys.executable
             fake = self._add(Proc("fake-provider", [py, "-m", "extproc.fakeprovider", "--port", str(self.ports.fake)],
                                   log_path=self.run_dir / "fake.log", env=self.env(), ports=[self.ports.fake]))

@@ -106,7 +106,7 @@ from typing import Any
 import yaml
 
 from extproc.envoy_config import inline_xds
-from extproc.procs import PidFile, Proc, free_port, redis_proc, unix_socket_url, wait_for_port
+from extproc.procs import PidFile, Proc, free_port, local_redis, wait_for_port
 from extproc.stack import Stack, StackPorts, envoy_binary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -789,14 +789,12 @@ def main(argv: list[str] | None = None) -> int:
         def start_redis_floor(name: str, extproc_args: list[str]) -> None:
             """A floor with a Redis of its own for the budget scripts, on a Unix socket as
             Tollgate's stack has it (extproc/stack.py)."""
-            sock = (run_dir / f"{name}-redis" / "redis.sock").resolve()
-            url = unix_socket_url(sock)
-            redis = redis_proc(free_port(), run_dir / f"{name}-redis", sock if url else None).start()
+            redis, url = local_redis(free_port(), run_dir / f"{name}-redis")
+            redis.start()
             extra.append(redis)
             extra_pids.write(extra)
             redis.wait_ready()
-            start_floor(name, ["--redis-url", url or f"redis://127.0.0.1:{redis.ports[0]}/0", *extproc_args],
-                        {"redis": [redis]})
+            start_floor(name, ["--redis-url", url, *extproc_args], {"redis": [redis]})
 
         if "floorredis" in names:
             log("starting the floor with Redis (the no-op plus Tollgate's two budget scripts, its own Redis) ...")
