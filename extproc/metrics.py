@@ -15,7 +15,8 @@ tests and several instances in one process do not collide.
 Cardinality: no per-user label unless `per_user=True` (spend counter only); the budget gauge is
 meant for shared budgets (keyed by budget name, not by identity). `observe` is on the hot path:
 label children are cached in plain dicts keyed by the label tuple, so a repeated combination
-costs a dict lookup plus a locked add per series.
+costs a dict lookup and an add per series (a plain one for the per-request counters and
+histograms, `FastCounter` and `FastHistogram`; a locked one for prometheus_client's others).
 """
 
 from __future__ import annotations
