@@ -21,8 +21,9 @@ test: install redis-binary wrk-binary chromium-binary
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Tollgate's throughput, latency, CPU and memory against plain Envoy and a no-op ext_proc, in one
-# run (tests/bench.py, ~2.5 min on 2 cores); needs Debian's wrk. BENCH_ARGS="--long" adds the
-# 100,000-request memory run, BENCH_ARGS="--quick" is the test suite's smoke run (~30 s).
+# run (tests/bench.py: every target measured in 3 interleaved rounds, the tables show medians;
+# ~9 min on 2 cores, BENCH_ARGS="--rounds 1" ~3.5); needs Debian's wrk. BENCH_ARGS="--long" adds the
+# 100,000-request memory run, BENCH_ARGS="--quick" is the test suite's smoke run (~50 s).
 bench: install redis-binary wrk-binary
 	$(PY) -m tests.bench $(BENCH_ARGS)
 

@@ -47,10 +47,17 @@ def test_bench_quick(tmp_path: Path) -> None:
     conns = r["config"]["conns"]
     assert sorted(conns) == [1, 32]
 
+    assert r["config"]["rounds"] == 2  # --quick keeps the medians' code path working
     for target in ALL_TARGETS:
         for c in conns:
             w = r["wrk"][f"{target}@{c}"]
             assert w["requests"] > 0 and w["rps"] > 0, (target, c, w)
+            # the table's row: each figure the median of the rounds' (of two, their mean), counts summed
+            rounds = w["rounds"]
+            assert len(rounds) == 2 and all(x["requests"] > 0 for x in rounds), (target, c, w)
+            assert w["requests"] == sum(x["requests"] for x in rounds), (target, c, w)
+            assert w["rps"] == round((rounds[0]["rps"] + rounds[1]["rps"]) / 2, 3), (target, c, w)
+            assert w["cpu_us_per_req"].keys() == rounds[0]["cpu_us_per_req"].keys(), (target, c, w)
             assert w["non_2xx_3xx"] == 0 and w["socket_errors"] == 0, (target, c, w)
             assert 0 < w["p50_ms"] <= w["p90_ms"] <= w["p99_ms"], (target, c, w)
             cpu = w["cpu_us_per_req"]
@@ -100,4 +107,6 @@ def test_bench_quick(tmp_path: Path) -> None:
 
     goals = r["goals"]
     assert len(goals) == 9 and all(g["measured"] is not None for g in goals), goals
+    # the five goals wrk measures also carry each round's value; the others are the run's
+    assert [len(g.get("rounds", [])) for g in goals] == [2] * 5 + [0] * 4, goals
     assert next(g for g in goals if g["goal"].startswith("No lease"))["met"] is True
