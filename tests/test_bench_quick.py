@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -109,4 +110,6 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert len(goals) == 9 and all(g["measured"] is not None for g in goals), goals
     # the five goals wrk measures also carry each round's value; the others are the run's
     assert [len(g.get("rounds", [])) for g in goals] == [2] * 5 + [0] * 4, goals
+    for g in goals[:5]:  # ...and the median of those is the measured one
+        assert g["measured"] == round(statistics.median(g["rounds"]), 3), g
     assert next(g for g in goals if g["goal"].startswith("No lease"))["met"] is True
