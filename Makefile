@@ -3,7 +3,16 @@
 #   make test   the test suite
 # Both create .venv, install the package, and make sure a redis-server exists first.
 
-PYTHON ?= python3
+# The interpreter .venv is made from: the distribution's python3 when it is 3.11 or newer and has
+# venv (Debian's is built with profile-guided and link-time optimization, its interpreter linked
+# statically), else python3 on PATH. pyenv's default build (python3 on PATH on this kind of
+# machine) is neither, and ran the ext_proc's hot path 15-20% slower (docs/operations.md,
+# "Which Python"). PYTHON=... overrides; an existing .venv is kept (rm -rf .venv to remake it).
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in /usr/bin/python3 python3; do \
+	  $$p -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; exit; }; \
+	done; echo python3)
+endif
 VENV := .venv
 PY := $(VENV)/bin/python
 POLICIES ?= $(or $(TOLLGATE_POLICIES),policies)
