@@ -54,12 +54,12 @@ Measurements:
    is the median of the rounds' measurements, each ratio (and each target wrk measures) the
    median of the rounds' own ratios, and the targets table also prints every round's value (on
    this VM one run of the same code gave x0.46, the next x0.55 of the floor's requests/s; a
-   median of interleaved rounds is what a target can be judged on). Requests/s, exact p50/p90/p99 and error counts from a Lua
-   `done()` hook; any non-2xx/3xx response or socket error is reported and fails the run. CPU per
-   request of each of the target's processes (ext_proc, Envoy, Redis, fake provider) from
-   /proc/<pid>/stat over the measured run, plus three noise gauges: CPU used by processes not
-   ours, by our processes serving other targets (idle stacks, health checks: a few %), and the
-   hypervisor's steal time.
+   median of interleaved rounds is what a target can be judged on). Requests/s, exact
+   p50/p90/p99 and error counts from a Lua `done()` hook; any non-2xx/3xx response or socket
+   error is reported and fails the run. CPU per request of each of the target's processes
+   (ext_proc, Envoy, Redis, fake provider) from /proc/<pid>/stat over the measured run, plus
+   three noise gauges: CPU used by processes not ours, by our processes serving other targets
+   (idle stacks, health checks: a few %), and the hypervisor's steal time.
 2. Streaming time to the first `data:` event and to the end of the stream, sequential requests
    (`x-fake-token-latency-ms: 20`), alternating direct / plain / floor / tollgate / heavy /
    cachehit. The floor switches an SSE response to STREAMED as Tollgate does, so "tollgate -
