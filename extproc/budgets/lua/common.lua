@@ -30,6 +30,15 @@ local function usd(a)
   return string.format('%s%d.%09d', sign, math.floor(a / 1000000000), a % 1000000000)
 end
 
+-- Keep a counter's key until its window can no longer be asked for. A calendar counter's keys
+-- name their period, so the first expiry set (the period's end plus the grace) stands and later
+-- calls leave it: a TTL read is not written to the AOF, an EXPIRE is (as a PEXPIREAT), and every
+-- reserve and settle set two per counter (measured 2026-12-04: 8.9 PEXPIREATs, 1,063 of the AOF's
+-- 5,735 bytes per forwarded request). A rolling counter's expiry slides with every call.
+local function keep(key, c, ttl)
+  if c.nb ~= 0 or redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+end
+
 -- Rolling counters: delete bucket fields older than `first`; `lo` remembers the oldest kept bucket.
 local function prune(h, first)
   local lo = tonumber(redis.call('HGET', h, 'lo') or '')

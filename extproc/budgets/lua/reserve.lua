@@ -39,8 +39,8 @@ if ok == 1 then
     if i == 1 and meta ~= '' then redis.call('HSET', h, 'm:' .. rid, meta) end
     if cost ~= prev[i] then redis.call('HINCRBY', h, 'reserved', I(cost - prev[i])) end
     redis.call('ZADD', cs[i].z, now + lease, rid)
-    redis.call('EXPIRE', h, ttl)
-    redis.call('EXPIRE', cs[i].z, ttl)
+    keep(h, cs[i], ttl)
+    keep(cs[i].z, cs[i], ttl)
   end
 end
 return {ok, out, tostring(now)}

@@ -30,8 +30,8 @@ for i = 1, n do
     add_spent(h, c, actual - amount)
   end
   if i == 1 then first_state, first_amount, first_h = state, amount, h end
-  redis.call('EXPIRE', h, ARGV[a + 1])
-  redis.call('EXPIRE', c.z, ARGV[a + 1])
+  keep(h, c, ARGV[a + 1])
+  keep(c.z, c, ARGV[a + 1])
 end
 local outcome
 if n == 0 then
@@ -53,7 +53,7 @@ if ARGV[u] == '1' and outcome ~= 'duplicate' then
     for j = 1, m do
       redis.call('HINCRBY', ukey, ARGV[u + 5 + 2 * j], ARGV[u + 6 + 2 * j])
     end
-    if m > 0 then redis.call('EXPIRE', ukey, ARGV[u + 1]) end
+    if m > 0 and redis.call('TTL', ukey) < 0 then redis.call('EXPIRE', ukey, ARGV[u + 1]) end  -- as `keep`: a day's key
     append_record(skey, ARGV[u + 2], ARGV[u + 3], now, ARGV[u + 5] .. ',"settlement":"' .. outcome .. '"}')
   end
 end
