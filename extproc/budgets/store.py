@@ -23,8 +23,9 @@ Key layout (all under the engine's prefix, default `tollgate:`):
   has their format.
 
 Counters expire `KEY_GRACE_SECONDS` after their calendar period ends (the expiry set by the key's
-first write; rolling: after a full window without writes, refreshed by every call). Every script first purges the expired leases of the counters it touches: a lease
-that expired without a settle is charged (its gateway died or lost Redis after forwarding).
+first write; rolling: after a full window without writes, refreshed by every call). Every script
+first purges the expired leases of the counters it touches: a lease that expired without a settle
+is charged (its gateway died or lost Redis after forwarding).
 All keys of one call are passed as KEYS, except the rollup and stream keys an expiry writes (held
 in the lease's meta); for Redis Cluster they would need a common hash tag.
 """

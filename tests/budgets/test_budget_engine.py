@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import redis.asyncio as aredis
 from budget_helpers import FakeClock, admit, budgets, ts
 
 from extproc.budgets import BudgetEngine, usd_to_nusd
+from extproc.budgets.windows import KEY_GRACE_SECONDS
 
 USD = usd_to_nusd(1)
 DAY = {"calendar": "day"}
@@ -385,7 +387,7 @@ def test_admitted_names_what_statuses_of_every_counter_would(clock: FakeClock) -
 
 
 async def test_calendar_keys_keep_their_first_expiry_and_rolling_keys_slide(
-        make_engine: Callable[..., BudgetEngine], clock: FakeClock, rds) -> None:  # type: ignore[no-untyped-def]
+        make_engine: Callable[..., BudgetEngine], clock: FakeClock, rds: aredis.Redis) -> None:
     """A calendar counter's keys expire at their period's end plus the grace, set by their first
     write and left by every later reserve and settle (an EXPIRE on every call cost 8.9 AOF entries
     per forwarded request); a key found without an expiry gets one. A rolling counter's expiry
@@ -396,7 +398,7 @@ async def test_calendar_keys_keep_their_first_expiry_and_rolling_keys_slide(
     a = await admit(e, "r1", max_output_tokens=tokens_for(0.1))
     assert a.admitted and len(a.counters) == 2
     cal, roll = sorted(a.counters, key=lambda c: c.n_buckets)
-    grace = 2 * 86400
+    grace = KEY_GRACE_SECONDS
     first = await rds.ttl(cal.key)
     assert 14 * 3600 + grace - 5 <= first <= 14 * 3600 + grace
     assert first - 5 <= await rds.ttl(cal.lease_key) <= first

@@ -35,8 +35,13 @@ end
 -- calls leave it: a TTL read is not written to the AOF, an EXPIRE is (as a PEXPIREAT), and every
 -- reserve and settle set two per counter (measured 2026-12-04: 8.9 PEXPIREATs, 1,063 of the AOF's
 -- 5,735 bytes per forwarded request). A rolling counter's expiry slides with every call.
+-- `expire_once`: an expiry for a key that has none (also a day's usage rollup key), else nothing.
+local function expire_once(key, ttl)
+  if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+end
+
 local function keep(key, c, ttl)
-  if c.nb ~= 0 or redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+  if c.nb ~= 0 then redis.call('EXPIRE', key, ttl) else expire_once(key, ttl) end
 end
 
 -- Rolling counters: delete bucket fields older than `first`; `lo` remembers the oldest kept bucket.
@@ -102,7 +107,7 @@ local function rollup_expiry(h, rid, sign, amount)
   if m == nil then return nil end
   redis.call('HINCRBY', m[1], 'requests|' .. m[5], sign)
   redis.call('HINCRBY', m[1], 'cost_nusd|' .. m[5], I(sign * amount))
-  if redis.call('TTL', m[1]) < 0 then redis.call('EXPIRE', m[1], USAGE_TTL) end
+  expire_once(m[1], USAGE_TTL)
   return m
 end
 

@@ -53,7 +53,7 @@ if ARGV[u] == '1' and outcome ~= 'duplicate' then
     for j = 1, m do
       redis.call('HINCRBY', ukey, ARGV[u + 5 + 2 * j], ARGV[u + 6 + 2 * j])
     end
-    if m > 0 and redis.call('TTL', ukey) < 0 then redis.call('EXPIRE', ukey, ARGV[u + 1]) end  -- as `keep`: a day's key
+    if m > 0 then expire_once(ukey, ARGV[u + 1]) end  -- a day's key, as a calendar counter's
     append_record(skey, ARGV[u + 2], ARGV[u + 3], now, ARGV[u + 5] .. ',"settlement":"' .. outcome .. '"}')
   end
 end
